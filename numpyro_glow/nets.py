@@ -1,0 +1,102 @@
+"""Default conditioner networks: Glow's convolutional net and an MLP for vectors.
+
+Each network is a pair: ``*_init(key, ...) -> params`` and a pure
+``apply(params, x) -> h``, the signature the couplings and the split expect. The
+last layer starts at zero, so a coupling built on it starts as the identity (up
+to Glow's fixed ``sigmoid(2)`` scale) and a split prior as the standard normal.
+
+Any other pure ``apply(params, x)`` works too: ``jax.example_libraries.stax``
+pairs directly (``numpyro.module(name, (init_fn, apply_fn), input_shape)``
+returns the params), and a Flax module's ``module.apply`` with its variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpyro
+from jax import Array, lax
+
+__all__ = ["conv_net", "conv_net_init", "mlp", "mlp_init", "module"]
+
+
+def _conv(x: Array, w: Array, b: Array) -> Array:
+    """'SAME' NHWC convolution with any batch shape in front of (H, W, C)."""
+    batch = x.shape[:-3]
+    x4 = x.reshape((-1,) + x.shape[-3:])
+    y = lax.conv_general_dilated(x4, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(batch + y.shape[-3:]) + b
+
+
+def _he(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
+    return jax.random.normal(key, shape) * jnp.sqrt(2.0 / fan_in)
+
+
+def conv_net_init(
+    key: Array, in_channels: int, out_channels: int, hidden_channels: int = 512
+) -> dict[str, Array]:
+    """Parameters of Glow's conditioner: 3x3 conv, ReLU, 1x1 conv, ReLU, 3x3 conv.
+
+    The first two layers use He-normal weights, the last one is all zeros.
+    """
+    k1, k2 = jax.random.split(key)
+    h = hidden_channels
+    return {
+        "w1": _he(k1, (3, 3, in_channels, h), 9 * in_channels),
+        "b1": jnp.zeros(h),
+        "w2": _he(k2, (h, h), h),
+        "b2": jnp.zeros(h),
+        "w3": jnp.zeros((3, 3, h, out_channels)),
+        "b3": jnp.zeros(out_channels),
+    }
+
+
+def conv_net(params: dict[str, Array], x: Array) -> Array:
+    r"""Glow's conditioner on images ``(..., H, W, C_in) -> (..., H, W, C_out)``:
+
+    .. math::
+
+        h = \mathrm{conv}_{3\times3}\big(\mathrm{relu}(W_2\,
+        \mathrm{relu}(\mathrm{conv}_{3\times3}(x) + b_1) + b_2)\big) + b_3 ,
+
+    the middle 1x1 convolution done as a tensordot over channels.
+    """
+    h = jax.nn.relu(_conv(x, params["w1"], params["b1"]))
+    h = jax.nn.relu(jnp.einsum("...d,dc->...c", h, params["w2"]) + params["b2"])
+    return _conv(h, params["w3"], params["b3"])
+
+
+def mlp_init(
+    key: Array, in_dim: int, out_dim: int, hidden_dims: Sequence[int] = (64, 64)
+) -> list[dict[str, Array]]:
+    """Parameters of an MLP ``in_dim -> hidden_dims -> out_dim``, last layer zero."""
+    dims = [in_dim, *hidden_dims]
+    keys = jax.random.split(key, len(hidden_dims))
+    layers = [
+        {"w": _he(k, (a, b), a), "b": jnp.zeros(b)}
+        for k, a, b in zip(keys, dims[:-1], dims[1:], strict=True)
+    ]
+    layers.append({"w": jnp.zeros((dims[-1], out_dim)), "b": jnp.zeros(out_dim)})
+    return layers
+
+
+def mlp(params: Sequence[dict[str, Array]], x: Array) -> Array:
+    r"""MLP on vectors ``(..., D_in) -> (..., D_out)`` with ReLU between layers:
+    :math:`h_{l+1} = \mathrm{relu}(h_l W_l + b_l)`, no activation on the last."""
+    for layer in params[:-1]:
+        x = jax.nn.relu(x @ layer["w"] + layer["b"])
+    return x @ params[-1]["w"] + params[-1]["b"]
+
+
+def module(name: str, nn: tuple, input_shape: tuple[int, ...]) -> tuple[Callable, Any]:
+    """Register a ``stax``-style ``(init_fn, apply_fn)`` network inside a model.
+
+    Like :func:`numpyro.module` (same parameter name, ``name + "$params"``), but
+    returns ``(apply_fn, params)`` separately, the form a coupling takes:
+    ``AffineCoupling(*nets.module("net", stax.serial(...), (1, c)))``.
+    """
+    bound = numpyro.module(name, nn, input_shape)
+    return bound.func, bound.args[0]
