@@ -1,6 +1,8 @@
 """numpyro-glow: Glow normalizing flows for NumPyro."""
 
-from . import nets, transforms
+from . import data, nets, transforms
+from .distribution import FlowDistribution, bits_per_dim
+from .glow import glow
 from .transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -17,6 +19,9 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FlowDistribution",
+    "bits_per_dim",
+    "glow",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
@@ -27,6 +32,7 @@ __all__ = [
     "Scan",
     "Split",
     "Squeeze",
+    "data",
     "nets",
     "transforms",
 ]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpyro
 from jax import Array, lax
 
-__all__ = ["conv_net", "conv_net_init", "mlp", "mlp_init", "module"]
+__all__ = ["conv_net", "conv_net_init", "mlp", "mlp_init", "module", "zero_conv", "zero_conv_init"]
 
 
 def _conv(x: Array, w: Array, b: Array) -> Array:
@@ -67,6 +67,17 @@ def conv_net(params: dict[str, Array], x: Array) -> Array:
     h = jax.nn.relu(_conv(x, params["w1"], params["b1"]))
     h = jax.nn.relu(jnp.einsum("...d,dc->...c", h, params["w2"]) + params["b2"])
     return _conv(h, params["w3"], params["b3"])
+
+
+def zero_conv_init(in_channels: int, out_channels: int) -> dict[str, Array]:
+    """A zero-initialised 3x3 convolution (Glow's ``Conv2DZeros``), used by the
+    split priors: at initialisation they are the standard normal."""
+    return {"w": jnp.zeros((3, 3, in_channels, out_channels)), "b": jnp.zeros(out_channels)}
+
+
+def zero_conv(params: dict[str, Array], x: Array) -> Array:
+    r"""One 3x3 'SAME' convolution, :math:`h = \mathrm{conv}_{3\times3}(x) + b`."""
+    return _conv(x, params["w"], params["b"])
 
 
 def mlp_init(

@@ -1,7 +1,13 @@
 """Glow's layers as NumPyro transforms, in the normalizing direction (data to latent)."""
 
 from .actnorm import ActNorm
-from .base import GlowTransform, Inverse, forward_and_log_det, inverse_and_log_det
+from .base import (
+    GlowTransform,
+    Inverse,
+    forward_and_log_det,
+    inverse_and_log_det,
+    split_channels,
+)
 from .chain import Chain, Scan
 from .coupling import AdditiveCoupling, AffineCoupling
 from .inv1x1conv import Inv1x1Conv, Inv1x1ConvLU, lu_factors, random_rotation
@@ -26,4 +32,5 @@ __all__ = [
     "inverse_and_log_det",
     "lu_factors",
     "random_rotation",
+    "split_channels",
 ]

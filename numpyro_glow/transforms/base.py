@@ -87,9 +87,13 @@ class GlowTransform(Transform):
 
     # --- the two primitives -------------------------------------------------
     def forward_and_log_det(self, x: Array) -> tuple[Array, Array]:
+        """``(y, log|det dy/dx|)``: the normalizing direction, data to latent, with
+        the log-determinant summed over the event (it has the batch shape of ``x``)."""
         raise NotImplementedError
 
     def inverse_and_log_det(self, y: Array) -> tuple[Array, Array]:
+        """``(x, log|det dx/dy|)``: the generative direction, latent to data; the
+        log-determinant is the negative of the forward one at the matching point."""
         raise NotImplementedError
 
     # --- NumPyro's interface, derived ----------------------------------------

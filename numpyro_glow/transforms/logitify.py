@@ -50,12 +50,15 @@ class Logitify(GlowTransform):
     split into two float32 parts, so :math:`\sigma(y) - \alpha/2` never
     cancels. See the Numerics page of the docs for measurements.
 
+    The inverse maps the reals onto the open interval
+    :math:`(-\tfrac{\alpha}{2(1-\alpha)}, 1 + \tfrac{\alpha}{2(1-\alpha)})`, the
+    transform's ``domain``, which contains [0, 1].
+
     :param alpha: squeezes [0, 1] into :math:`[\alpha/2, 1 - \alpha/2]` before the
         logit, ``0 <= alpha < 1``. A static Python float.
     """
 
     event_dim = 0
-    domain = constraints.unit_interval
     codomain = constraints.real
 
     def __init__(self, alpha: float = 0.05):
@@ -63,6 +66,15 @@ class Logitify(GlowTransform):
         if not 0.0 <= alpha < 1.0 or math.isnan(alpha):
             raise ValueError(f"Logitify: expected 0 <= alpha < 1, got alpha={alpha}")
         self.alpha = alpha
+
+    @property
+    def domain(self) -> constraints.Constraint:
+        """The interval the logit maps onto the reals: [0, 1] widened by
+        :math:`\alpha / (2(1-\alpha))` on each side. Data lie in [0, 1]; samples of a
+        flow ending in Logitify fall anywhere in this interval (clip them for
+        display)."""
+        pad = self.alpha / (2.0 * (1.0 - self.alpha))
+        return constraints.interval(-pad, 1.0 + pad)
 
     # float64 constants, computed once in Python.
     @property
@@ -100,16 +112,18 @@ class Logitify(GlowTransform):
             y = y.astype(jnp.result_type(float))
         half = self.alpha / 2.0
         c = 1.0 - self.alpha
-        hi, lo = self._y0_parts(y.dtype)
-        # y > 0: sigma(y) >= 1/2, no cancellation against alpha/2.
-        x_upper = (sigmoid(y) - half) / c
-        # y <= 0: sigma(y) - sigma(y0) = (alpha/2) expm1(y - y0) sigma(-y).
-        y_low = jnp.minimum(y, 0.0)  # keeps the unused branch finite for grads
+        # Where sigma(y) >= alpha (y > logit(alpha)), (sigma(y) - alpha/2) loses at most
+        # one bit. Below, sigma(y) - sigma(y0) = (alpha/2) expm1(y - y0) sigma(-y),
+        # with y0 = logit(alpha/2) as an exact (hi, lo) pair: no cancellation.
+        x_direct = (sigmoid(y) - half) / c
         if half > 0:
-            x_lower = (half / c) * jnp.expm1((y_low - hi) - lo) * sigmoid(-y_low)
+            hi, lo = self._y0_parts(y.dtype)
+            switch = math.log(self.alpha) - math.log1p(-self.alpha)
+            y_low = jnp.minimum(y, switch)  # keeps the unused branch finite for grads
+            x_low = (half / c) * jnp.expm1((y_low - hi) - lo) * sigmoid(-y_low)
+            x = jnp.where(y > switch, x_direct, x_low)
         else:
-            x_lower = sigmoid(y_low)
-        x = jnp.where(y > 0, x_upper, x_lower)
+            x = x_direct
         log_det = -self._log1m_alpha - softplus(y) - softplus(-y)
         return x, log_det
 
