@@ -1,0 +1,171 @@
+"""``numpyro-glow train | sample | evaluate``: the density model from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+DATA_HELP = (
+    "digits (scikit-learn's 8x8 digits, embedded), mnist:DIR, cifar10:DIR, npz:PATH or folder:DIR"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .train import GlowConfig, TrainConfig
+
+    t, g = TrainConfig(), GlowConfig()
+    p = argparse.ArgumentParser(prog="numpyro-glow", description="Glow densities on images.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a Glow; writes checkpoint, metrics and samples")
+    tr.add_argument("--data", default=t.data, help=DATA_HELP)
+    tr.add_argument("--out", default=None, help="output folder (default runs/<data name>)")
+    tr.add_argument("--steps", type=int, default=t.steps)
+    tr.add_argument("--batch-size", type=int, default=t.batch_size)
+    tr.add_argument("--learning-rate", type=float, default=t.learning_rate)
+    tr.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
+    tr.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    tr.add_argument("--grad-clip", type=float, default=t.grad_clip)
+    tr.add_argument("--ema-decay", type=float, default=t.ema_decay)
+    tr.add_argument(
+        "--dequantization", choices=["uniform", "variational"], default=t.dequantization
+    )
+    tr.add_argument("--validation-size", type=float, default=t.validation_size)
+    tr.add_argument("--eval-every", type=int, default=t.eval_every)
+    tr.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
+    tr.add_argument("--patience", type=int, default=t.patience)
+    tr.add_argument("--seed", type=int, default=t.seed)
+    tr.add_argument("--levels", type=int, default=g.levels)
+    tr.add_argument("--depth", type=int, default=g.depth)
+    tr.add_argument("--hidden-channels", type=int, default=g.hidden_channels)
+    tr.add_argument("--coupling", choices=["affine", "additive"], default=g.coupling)
+    tr.add_argument("--dense", action="store_true", help="dense 1x1 convolution weight, not LU")
+    tr.add_argument("--no-learn-top", action="store_true")
+    tr.add_argument("--conditional", action="store_true", help="class-conditional top prior")
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
+    tr.add_argument("--no-progress", action="store_true")
+
+    sa = sub.add_parser("sample", help="draw a PNG grid of samples from a checkpoint")
+    sa.add_argument("checkpoint")
+    sa.add_argument("--out", default="samples.png")
+    sa.add_argument("--temperature", type=float, nargs="+", default=[0.7])
+    sa.add_argument("--num", type=int, default=10, help="images per temperature")
+    sa.add_argument("--label", type=int, default=None, help="class (conditional models)")
+    sa.add_argument("--seed", type=int, default=0)
+
+    ev = sub.add_parser("evaluate", help="test-set bits per dimension of a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", default=None, help="default: the data the checkpoint trained on")
+    return p
+
+
+def _train(args) -> int:
+    from .train import GlowConfig, TrainConfig, train
+
+    name = args.data.split(":", 1)[0]
+    config = TrainConfig(
+        data=args.data,
+        out_dir=args.out or str(Path("runs") / name),
+        model=GlowConfig(
+            levels=args.levels,
+            depth=args.depth,
+            hidden_channels=args.hidden_channels,
+            coupling=args.coupling,
+            lu=not args.dense,
+            learn_top=not args.no_learn_top,
+            conditional=args.conditional,
+            seed=args.seed,
+        ),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay,
+        dequantization=args.dequantization,
+        validation_size=args.validation_size,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        patience=args.patience,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    summary = train(config, resume=args.resume)
+    print(
+        f"test bits/dim {summary['test_bpd']:.4f} (best validation "
+        f"{summary['best_validation_bpd']:.4f} at step {summary['best_step']}, "
+        f"{summary['wall_time_s']:.0f} s)"
+    )
+    print(f"samples:    {summary['samples']}")
+    print(f"metrics:    {summary['metrics']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    return 0
+
+
+def _restore(path: str, data_spec: str | None = None):
+    """A trainer and its best parameters from a checkpoint."""
+    from .data import load, train_validation_split
+    from .train import TrainConfig, Trainer, load_checkpoint
+
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"])
+    if data_spec is not None:
+        config = dataclasses.replace(config, data=data_spec)
+    splits = load(config.data, seed=config.seed)
+    parts = train_validation_split(splits.train, config.validation_size, config.seed)
+    trainer = Trainer(config, parts.train, parts.test)
+    expected = tuple(state["data"]["event_shape"])
+    if trainer.event_shape != expected:
+        raise ValueError(
+            f"{config.data}: the checkpoint {path} models images of shape {expected}, "
+            f"the data has {trainer.event_shape}"
+        )
+    return trainer, state["best"]["params"], splits
+
+
+def _sample(args) -> int:
+    import jax
+    import numpy as np
+
+    from .train import _save_png
+
+    trainer, params, _ = _restore(args.checkpoint)
+    if args.label is not None and trainer.num_classes is None:
+        raise ValueError("--label needs a class-conditional checkpoint (trained --conditional)")
+    rows = [
+        trainer.sample(params, jax.random.PRNGKey(args.seed + i), args.num, t, label=args.label)
+        for i, t in enumerate(args.temperature)
+    ]
+    _save_png(np.stack(rows), Path(args.out))
+    print(f"samples: {args.out}")
+    return 0
+
+
+def _evaluate(args) -> int:
+    import jax
+
+    trainer, params, splits = _restore(args.checkpoint, args.data)
+    bpd = trainer.bits_per_dim(params, splits.test, jax.random.PRNGKey(11))
+    print(json.dumps({"test_bpd": bpd, "test_images": len(splits.test.x)}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``numpyro-glow`` command."""
+    args = _parser().parse_args(argv)
+    handler = {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.command]
+    try:
+        return handler(args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"numpyro-glow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
