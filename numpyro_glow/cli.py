@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--depth", type=int, default=g.depth)
     tr.add_argument("--hidden-channels", type=int, default=g.hidden_channels)
     tr.add_argument("--coupling", choices=["affine", "additive"], default=g.coupling)
+    tr.add_argument("--dropout", type=float, default=g.dropout, help="in the coupling nets")
     tr.add_argument("--dense", action="store_true", help="dense 1x1 convolution weight, not LU")
     tr.add_argument("--no-learn-top", action="store_true")
     tr.add_argument("--conditional", action="store_true", help="class-conditional top prior")
@@ -79,6 +80,7 @@ def _train(args) -> int:
             lu=not args.dense,
             learn_top=not args.no_learn_top,
             conditional=args.conditional,
+            dropout=args.dropout,
             seed=args.seed,
         ),
         steps=args.steps,

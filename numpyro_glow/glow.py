@@ -122,6 +122,7 @@ def glow(
     init_data: Array | None = None,
     seed: int = 0,
     unroll: int | bool | None = None,
+    dropout: float = 0.0,
 ) -> FlowDistribution:
     r"""A multi-scale Glow over images in :math:`[0, 1]`, event shape ``(H, W, C)``.
 
@@ -154,6 +155,12 @@ def glow(
     input, so that its output on the batch has zero mean and unit variance per
     channel (Glow, section 3.1). Once the parameters exist (every later step),
     their init functions are never called and ``init_data`` costs nothing.
+
+    **Dropout.** With ``dropout > 0`` and a random key available (inside
+    ``numpyro.handlers.seed``, as under ``SVI``), the coupling networks drop hidden
+    units with that probability, a fresh mask per call; build the model with
+    ``dropout=0`` to evaluate. The masks do not depend on the data, so every
+    draw is an exact bijection with its own exact log-determinant.
 
     ``seed`` fixes the random rotations (and so the LU permutations and signs,
     constants built with NumPy); ``unroll`` is ``lax.scan``'s (default:
@@ -229,6 +236,7 @@ def glow(
             return params
 
         params = numpyro.param(f"{name}.level{level}", init_level)
+        params = _with_dropout(params, dropout, depth)
         steps = Scan(
             glow_step(params, {k: jnp.asarray(v) for k, v in constants.items()}, coupling), unroll
         )
@@ -256,6 +264,17 @@ def glow(
     flow = Chain([*head, inner]) if head else inner
     base = dist.Normal(0.0, temperature).expand(batch_shape + event_shape).to_event(3)
     return FlowDistribution(base, flow)
+
+
+def _with_dropout(params: dict, rate: float, depth: int) -> dict:
+    """Attach per-step dropout keys to the coupling networks' parameters."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"glow: expected 0 <= dropout < 1, got {rate}")
+    key = numpyro.prng_key() if rate > 0 else None
+    if key is None:
+        return params
+    spec = {"key": jax.random.split(key, depth), "rate": jnp.full((depth,), rate)}
+    return {**params, "coupling": {**params["coupling"], "dropout": spec}}
 
 
 def _index(tree: Any, k: int) -> Any:

@@ -63,10 +63,26 @@ def conv_net(params: dict[str, Array], x: Array) -> Array:
         \mathrm{relu}(\mathrm{conv}_{3\times3}(x) + b_1) + b_2)\big) + b_3 ,
 
     the middle 1x1 convolution done as a tensordot over channels.
+
+    If ``params`` holds ``"dropout": {"key": key, "rate": rate}``, each hidden
+    activation is dropped with probability ``rate`` (and the rest scaled by
+    ``1 / (1 - rate)``); :func:`~numpyro_glow.glow` adds this while training
+    with ``dropout > 0``. The mask depends on the key only, never on ``x``, so
+    the coupling stays a bijection with an exact log-determinant.
     """
     h = jax.nn.relu(_conv(x, params["w1"], params["b1"]))
+    h = _dropout(params, h, 0)
     h = jax.nn.relu(jnp.einsum("...d,dc->...c", h, params["w2"]) + params["b2"])
+    h = _dropout(params, h, 1)
     return _conv(h, params["w3"], params["b3"])
+
+
+def _dropout(params: dict, h: Array, layer: int) -> Array:
+    spec = params.get("dropout")
+    if spec is None:
+        return h
+    keep = jax.random.bernoulli(jax.random.fold_in(spec["key"], layer), 1.0 - spec["rate"], h.shape)
+    return jnp.where(keep, h / (1.0 - spec["rate"]), 0.0)
 
 
 def zero_conv_init(in_channels: int, out_channels: int) -> dict[str, Array]:

@@ -68,6 +68,7 @@ class GlowConfig:
     learn_top: bool = True
     conditional: bool = False
     alpha: float | None = 0.05
+    dropout: float = 0.0
     seed: int = 0
 
 
@@ -130,6 +131,7 @@ def glow_from_config(
         temperature=temperature,
         init_data=init_data,
         seed=config.seed,
+        dropout=config.dropout,
     )
 
 
@@ -283,9 +285,12 @@ class Trainer:
         self.optimizer = numpyro.optim.optax_to_numpyro(_optax(config))
         self.svi = SVI(self.model, self.guide, self.optimizer, Trace_ELBO())
         self._update = jax.jit(self.svi.update)
+        # evaluation: the same model without dropout
+        eval_kwargs = {**kwargs, "config": dataclasses.replace(config.model, dropout=0.0)}
+        eval_model = _partial(density_model, **eval_kwargs)
         elbo = Trace_ELBO()
         self._loss = jax.jit(
-            lambda key, params, k, y: elbo.loss(key, params, self.model, self.guide, k, y)
+            lambda key, params, k, y: elbo.loss(key, params, eval_model, self.guide, k, y)
         )
 
     # batches ------------------------------------------------------------------
@@ -330,8 +335,9 @@ class Trainer:
         y = None
         if self.num_classes is not None:
             y = jnp.full((n,), 0 if label is None else label, jnp.int32)
+        config = dataclasses.replace(self.config.model, dropout=0.0)
         density = numpyro.handlers.substitute(numpyro.handlers.seed(glow_from_config, key), params)(
-            self.config.model, self.event_shape, self.num_classes, y, temperature
+            config, self.event_shape, self.num_classes, y, temperature
         )
         shape = () if density.batch_shape else (n,)
         return np.clip(np.asarray(density.sample(key, shape)), 0.0, 1.0)
