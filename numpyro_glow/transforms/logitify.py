@@ -90,9 +90,7 @@ class Logitify(GlowTransform):
         return hi, lo
 
     def forward_and_log_det(self, x: Array) -> tuple[Array, Array]:
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(jnp.result_type(float))
+        x = _as_float(x)
         half = self.alpha / 2.0
         c = 1.0 - self.alpha
         upper = x >= 0.5
@@ -107,9 +105,7 @@ class Logitify(GlowTransform):
         return y, log_det
 
     def inverse_and_log_det(self, y: Array) -> tuple[Array, Array]:
-        y = jnp.asarray(y)
-        if not jnp.issubdtype(y.dtype, jnp.floating):
-            y = y.astype(jnp.result_type(float))
+        y = _as_float(y)
         half = self.alpha / 2.0
         c = 1.0 - self.alpha
         # Where sigma(y) >= alpha (y > logit(alpha)), (sigma(y) - alpha/2) loses at most
@@ -132,3 +128,8 @@ class Logitify(GlowTransform):
 
     def __repr__(self) -> str:
         return f"Logitify(alpha={self.alpha})"
+
+
+def _as_float(a: Array) -> Array:
+    a = jnp.asarray(a)
+    return a if jnp.issubdtype(a.dtype, jnp.floating) else a.astype(jnp.result_type(float))
