@@ -27,9 +27,9 @@ nitpicky = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_default_options = {"show-inheritance": True}
-napoleon_google_docstring = False
+napoleon_google_docstring = True  # numpyro_glow.data uses Google-style sections
 napoleon_numpy_docstring = True
 
 html_theme = "furo"
 html_title = f"numpyro-glow {release}"
-html_static_path = []
+html_static_path = ["_static"]

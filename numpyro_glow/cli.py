@@ -110,24 +110,44 @@ def _train(args) -> int:
     return 0
 
 
-def _restore(path: str, data_spec: str | None = None):
-    """A trainer and its best parameters from a checkpoint."""
-    from .data import load, train_validation_split
+def _restore(path: str, data_spec: str | None = None, need_data: bool = True):
+    """A trainer, the best parameters and the data splits of a checkpoint.
+
+    With ``need_data=False`` (sampling) no data are read: the trainer is built on a
+    placeholder with the checkpoint's image shape, levels and classes.
+    """
+    import numpy as np
+
+    from .data import ImageData, Splits, load, train_validation_split
     from .train import TrainConfig, Trainer, load_checkpoint
 
     state = load_checkpoint(path)
     config = TrainConfig.from_dict(state["config"])
+    meta = state["data"]
+    shape, levels, classes = tuple(meta["event_shape"]), meta["levels"], meta["num_classes"]
+    if not need_data:
+        y = None if classes is None else np.arange(classes, dtype=np.int32)
+        n = 1 if classes is None else classes
+        stub = ImageData(
+            np.zeros((n, *shape), np.uint8 if levels <= 256 else np.int32), y, levels, "checkpoint"
+        )
+        return Trainer(config, stub, stub, classes), state["best"]["params"], Splits(stub, stub)
     if data_spec is not None:
         config = dataclasses.replace(config, data=data_spec)
     splits = load(config.data, seed=config.seed)
-    parts = train_validation_split(splits.train, config.validation_size, config.seed)
-    trainer = Trainer(config, parts.train, parts.test)
-    expected = tuple(state["data"]["event_shape"])
-    if trainer.event_shape != expected:
+    found = (tuple(splits.test.x.shape[1:]), splits.test.levels)
+    if found != (shape, levels):
         raise ValueError(
-            f"{config.data}: the checkpoint {path} models images of shape {expected}, "
-            f"the data has {trainer.event_shape}"
+            f"{config.data}: the checkpoint {path} models images of shape {shape} with "
+            f"{levels} levels; the data have shape {found[0]} with {found[1]} levels"
         )
+    if classes is not None and (splits.test.y is None or int(splits.test.y.max()) >= classes):
+        raise ValueError(
+            f"{config.data}: the checkpoint {path} is conditional on {classes} classes; "
+            "the test data have no labels or labels outside that range"
+        )
+    parts = train_validation_split(splits.train, config.validation_size, config.seed)
+    trainer = Trainer(config, parts.train, parts.test, classes)
     return trainer, state["best"]["params"], splits
 
 
@@ -137,7 +157,7 @@ def _sample(args) -> int:
 
     from .train import _save_png
 
-    trainer, params, _ = _restore(args.checkpoint)
+    trainer, params, _ = _restore(args.checkpoint, need_data=False)
     if args.label is not None and trainer.num_classes is None:
         raise ValueError("--label needs a class-conditional checkpoint (trained --conditional)")
     rows = [
@@ -164,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.command]
     try:
         return handler(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (OSError, ValueError, FloatingPointError, ImportError) as e:
         print(f"numpyro-glow {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -264,15 +264,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 class Trainer:
     """Everything a run needs, built from a :class:`TrainConfig` and the data."""
 
-    def __init__(self, config: TrainConfig, train: ImageData, validation: ImageData):
+    def __init__(
+        self,
+        config: TrainConfig,
+        train: ImageData,
+        validation: ImageData,
+        num_classes: int | None = None,
+    ):
+        """``num_classes`` (default: from ``train``'s labels) counts the classes of
+        the whole data set, which a small split may not all contain."""
         self.config = config
         self.train_data, self.validation = train, validation
         self.levels = train.levels
         self.event_shape = tuple(train.x.shape[1:])
         self.num_dims = math.prod(self.event_shape)
-        self.num_classes = train.num_classes if config.model.conditional else None
         if config.model.conditional and train.y is None:
             raise ValueError(f"{train.name}: a conditional model needs labels, the data has none")
+        if config.model.conditional:
+            self.num_classes = num_classes or train.num_classes
+        else:
+            self.num_classes = None
         if config.dequantization not in ("uniform", "variational"):
             raise ValueError(
                 f"expected dequantization 'uniform' or 'variational', got {config.dequantization!r}"
@@ -390,7 +401,7 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
     ckpt_path = out / "checkpoint.pkl"
     splits = data if data is not None else load_data(config.data, seed=config.seed)
     parts = train_validation_split(splits.train, config.validation_size, config.seed)
-    trainer = Trainer(config, parts.train, parts.test)
+    trainer = Trainer(config, parts.train, parts.test, _num_classes(splits))
     metrics_path = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
 
@@ -407,6 +418,8 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
         svi_state = SVIState(*svi_state)
         step0, ema, best, history = state["step"], state["ema"], state["best"], state["history"]
         bad_evals = state["bad_evals"]
+        # the evaluations after the checkpoint will run again: keep the file in step
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     else:
         step0, history = 0, []
         ema = trainer.svi.get_params(svi_state)
@@ -515,6 +528,11 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
         f.write(json.dumps({"final": True, **summary}) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _num_classes(splits: Splits) -> int | None:
+    labels = [d.y for d in (splits.train, splits.test) if d.y is not None]
+    return max(int(y.max()) + 1 for y in labels) if labels else None
 
 
 def _ckpt_step(path: Path) -> str:

@@ -10,7 +10,8 @@ def test_readme_example_runs(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python example"
     namespace: dict = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
+    for block in blocks:  # every python block runs, in order
+        exec(compile(block, str(README), "exec"), namespace)
     losses = namespace["result"].losses
     assert losses[-1] < losses[0]
     assert "negative log-likelihood per image" in capsys.readouterr().out

@@ -191,9 +191,15 @@ def test_cli_train_sample_evaluate_on_npz(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "test bits/dim" in printed and str(out / "samples.png") in printed
     ck = str(out / "checkpoint.pkl")
-    assert (
-        cli.main(["sample", ck, "--out", str(tmp_path / "s.png"), "--temperature", "0.5", "1"]) == 0
-    )
+    # evaluating on data of another shape is refused, naming both shapes
+    np.savez(tmp_path / "e.npz", x=rng.integers(0, 256, size=(20, 8, 8, 1)).astype(np.uint8))
+    assert cli.main(["evaluate", ck, "--data", f"npz:{tmp_path / 'e.npz'}"]) == 2
+    assert "(4, 4, 1)" in capsys.readouterr().err
+    # sampling needs only the checkpoint, not the training data
+    (tmp_path / "d.npz").rename(tmp_path / "moved.npz")
+    sample_args = ["sample", ck, "--out", str(tmp_path / "s.png"), "--temperature", "0.5", "1"]
+    assert cli.main(sample_args) == 0
+    (tmp_path / "moved.npz").rename(tmp_path / "d.npz")
     assert Image.open(tmp_path / "s.png").size[1] > 0
     assert cli.main(["evaluate", ck]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
