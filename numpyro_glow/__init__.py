@@ -1,6 +1,7 @@
 """numpyro-glow: Glow normalizing flows for NumPyro."""
 
 from . import data, nets, transforms
+from .autoguide import AutoGlow
 from .distribution import FlowDistribution, bits_per_dim
 from .glow import glow
 from .transforms import (
@@ -19,6 +20,7 @@ from .transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoGlow",
     "FlowDistribution",
     "bits_per_dim",
     "glow",
