@@ -100,9 +100,10 @@ def _train(args) -> int:
     )
     summary = train(config, resume=args.resume)
     print(
-        f"test bits/dim {summary['test_bpd']:.4f} (best validation "
-        f"{summary['best_validation_bpd']:.4f} at step {summary['best_step']}, "
-        f"{summary['wall_time_s']:.0f} s)"
+        f"test bits/dim {summary['test_bpd']:.4f} ({summary['dequantization']} "
+        f"dequantization; {summary['test_bpd_uniform_dequantization']:.4f} with uniform), "
+        f"best validation {summary['best_validation_bpd']:.4f} at step "
+        f"{summary['best_step']}, {summary['wall_time_s']:.0f} s"
     )
     print(f"samples:    {summary['samples']}")
     print(f"metrics:    {summary['metrics']}")

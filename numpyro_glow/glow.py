@@ -32,7 +32,7 @@ from .transforms import (
     split_channels,
 )
 
-__all__ = ["glow", "glow_step", "default_unroll"]
+__all__ = ["glow", "glow_step", "default_unroll", "num_parameters"]
 
 
 def default_unroll(depth: int) -> int | bool:
@@ -299,11 +299,12 @@ def _top_prior(name, shape, learn_top, num_classes, y) -> ActNorm | None:
     return ActNorm(loc, log_scale, event_dim=3)
 
 
-def num_parameters(params: dict[str, Any], name: str) -> int:
-    """The number of scalars in the parameters a :func:`glow` named ``name`` registered."""
+def num_parameters(params: dict[str, Any], name: str | None = None) -> int:
+    """The number of scalars in ``params`` (a dict of NumPyro parameter values), or
+    in those a :func:`glow` named ``name`` registered."""
     return sum(
         math.prod(jnp.shape(a))
         for key, value in params.items()
-        if key == name or key.startswith(name + ".")
+        if name is None or key == name or key.startswith(name + ".")
         for a in jax.tree.leaves(value)
     )

@@ -39,7 +39,7 @@ from numpyro.infer.svi import SVIState
 from . import nets
 from .data import ImageData, Splits, train_validation_split
 from .data import load as load_data
-from .glow import glow
+from .glow import glow, num_parameters
 from .transforms import AffineCoupling, Chain, Inv1x1Conv, Squeeze, random_rotation
 
 Array = jax.Array
@@ -516,7 +516,8 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
         "steps_run": final_step,
         "stopped_early": stopped_early,
         "wall_time_s": time.perf_counter() - t_start,
-        "num_parameters": _num_params(best["params"]),
+        "num_parameters": num_parameters(best["params"]),
+        "num_parameters_glow": num_parameters(best["params"], "glow"),
         "train_images": len(parts.train.x),
         "validation_images": len(parts.test.x),
         "test_images": len(splits.test.x),
@@ -540,10 +541,6 @@ def _ckpt_step(path: Path) -> str:
         return str(load_checkpoint(path)["step"])
     except (FileNotFoundError, ValueError):
         return "none written yet"
-
-
-def _num_params(params: dict) -> int:
-    return sum(int(np.size(a)) for a in jax.tree.leaves(params))
 
 
 def _progress(config: TrainConfig, step0: int):
