@@ -304,10 +304,12 @@ class Trainer:
             lambda key, params, k, y: elbo.loss(key, params, eval_model, self.guide, k, y)
         )
         # the uniform-dequantization bound of the same model, for comparison
-        uniform_guide = _partial(dequantization_guide, variational=False, **kwargs)
-        self._loss_uniform = jax.jit(
-            lambda key, params, k, y: elbo.loss(key, params, eval_model, uniform_guide, k, y)
-        )
+        self._loss_uniform = self._loss
+        if config.dequantization == "variational":
+            uniform_guide = _partial(dequantization_guide, variational=False, **kwargs)
+            self._loss_uniform = jax.jit(
+                lambda key, params, k, y: elbo.loss(key, params, eval_model, uniform_guide, k, y)
+            )
 
     # batches ------------------------------------------------------------------
     def batch(self, step: int) -> tuple[Array, Array | None]:

@@ -29,6 +29,7 @@ from numpyro_glow.train import (
 
 TINY = GlowConfig(levels=1, depth=1, hidden_channels=4)
 TINY_ARGS = ["--levels", "1", "--depth", "1", "--hidden-channels", "4", "--no-progress"]
+TINY_ARGS += ["--dequantization", "uniform"]
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def _config(tmp_path, **kw):
         progress=False,
         validation_size=0.25,
         temperatures=(0.5, 1.0),
+        dequantization="uniform",  # fast; test_variational_dequantization_trains covers the other
     )
     base.update(kw)
     return TrainConfig(**base)
