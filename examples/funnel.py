@@ -52,15 +52,23 @@ def fit(name: str, model, steps: int, lr: float, key) -> tuple:
     result = svi.run(key, steps, progress_bar=False)
     jax.block_until_ready(result.params)
     seconds = time.perf_counter() - t0
-    elbo = -Trace_ELBO(num_particles=4000).loss(jax.random.PRNGKey(123), result.params, model, guide)
+    elbo = -Trace_ELBO(num_particles=4000).loss(
+        jax.random.PRNGKey(123), result.params, model, guide
+    )
     return guide, result.params, float(elbo), seconds
 
 
 def nuts(model, num_warmup: int, num_samples: int, key) -> tuple:
     import arviz as az
 
-    mcmc = MCMC(NUTS(model), num_warmup=num_warmup, num_samples=num_samples, num_chains=2,
-                chain_method="sequential", progress_bar=False)
+    mcmc = MCMC(
+        NUTS(model),
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=2,
+        chain_method="sequential",
+        progress_bar=False,
+    )
     t0 = time.perf_counter()
     mcmc.run(key)
     seconds = time.perf_counter() - t0
@@ -106,13 +114,16 @@ def main(args: argparse.Namespace) -> dict:
         )
         if glow_guide is not None:
             neutra = NeuTraReparam(glow_guide, glow_params)
-            mcmc, _, seconds, div = nuts(neutra.reparam(model), args.num_warmup,
-                                         args.num_samples, key)
+            mcmc, _, seconds, div = nuts(
+                neutra.reparam(model), args.num_warmup, args.num_samples, key
+            )
             latent = mcmc.get_samples(group_by_chain=True)["auto_shared_latent"]
             v = neutra.transform_sample(latent)["v"]  # (chains, draws)
             results["mcmc"]["NeuTra(AutoGlow) + NUTS"] = summarise_v(
-                np.asarray(v), az.convert_to_inference_data({"v": np.asarray(v)}).posterior,
-                seconds, div,
+                np.asarray(v),
+                az.convert_to_inference_data({"v": np.asarray(v)}).posterior,
+                seconds,
+                div,
             )
     for name, r in results["mcmc"].items():
         print(
