@@ -32,8 +32,9 @@ class AutoGlow(AutoContinuous):
 
     where each step is an :class:`~numpyro_glow.ActNorm`, an invertible linear map
     in LU form (:class:`~numpyro_glow.Inv1x1ConvLU` with ``event_dim=1``) and an
-    affine coupling with an MLP conditioner and an unconstrained ``exp`` scale (so
-    the guide can expand as well as contract). The steps are stacked and run
+    affine coupling with an MLP conditioner and a soft-clamped scale
+    :math:`\log s = 3\tanh(r/3)` (``scale="tanh"``: the guide can expand as well
+    as contract, by at most :math:`e^3` per step). The steps are stacked and run
     with ``lax.scan``. At initialisation every step is a rotation and
     :math:`z = \mu_0 + \sigma_0 R \epsilon` with :math:`\mu_0` from
     ``init_loc_fn`` and :math:`\sigma_0` = ``init_scale``.
@@ -45,10 +46,11 @@ class AutoGlow(AutoContinuous):
     closed-form quantiles) from ``num_quantile_samples`` draws.
 
     **Known limitation (measured, being worked on).** The defaults are not yet
-    tuned: on Neal's funnel in 10 dimensions with ``Adam(3e-3)`` the
-    unconstrained ``exp`` scales diverged to NaN after about 150 steps; with
-    ``Adam(1e-3)`` it stayed finite for 5000 steps but reached an ELBO near -16,
-    where ``AutoIAFNormal`` reached -0.5. Use a small learning rate.
+    tuned. On Neal's funnel in 10 dimensions (SVI, ``Adam(3e-3)``, 5000 steps,
+    ELBO from 4000 particles) the default guide reached -1.49, against -0.50 for
+    ``AutoIAFNormal(num_flows=4)``, -1.63 for ``AutoBNAFNormal`` and -2.03 for
+    ``AutoMultivariateNormal``; with ``num_flows=8`` the loss still diverged to
+    NaN, and with unbounded ``exp`` scales it did at ``num_flows=4`` too.
 
     :param model: a NumPyro model with continuous latent sites.
     :param prefix: prefix of the guide's parameter names.
@@ -123,7 +125,7 @@ class AutoGlow(AutoContinuous):
 
         params = numpyro.param(f"{self.prefix}_glow_steps", init_steps)
         constants = {"perm": jnp.asarray(consts["perm"]), "sign_s": jnp.asarray(consts["sign_s"])}
-        steps = glow_step(params, constants, event_dim=1, net=nets.mlp, scale="exp")
+        steps = glow_step(params, constants, event_dim=1, net=nets.mlp, scale="tanh")
         loc = numpyro.param(f"{self.prefix}_glow_loc", self._init_latent)
         log_scale = numpyro.param(
             f"{self.prefix}_glow_log_scale", jnp.full(d, math.log(self._init_scale))

@@ -132,6 +132,7 @@ CASES = [
     Case("affine_exp_image", lambda: _affine(9, "exp", 3), IMAGE),
     Case("affine_sigmoid_vector", lambda: _affine(10, "sigmoid", 1), VECTOR),
     Case("affine_exp_vector", lambda: _affine(11, "exp", 1), VECTOR),
+    Case("affine_tanh_vector", lambda: _affine(16, "tanh", 1), VECTOR),
     Case("additive_image", lambda: _additive(12, 3), IMAGE),
     Case("additive_vector", lambda: _additive(13, 1), VECTOR),
     Case("squeeze", lambda: Squeeze(), IMAGE),

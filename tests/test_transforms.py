@@ -168,6 +168,7 @@ def test_coupling_at_init(event_dim):
         net = nets.mlp
     for t in (
         AffineCoupling(net, init(4), event_dim, scale="exp"),
+        AffineCoupling(net, init(4), event_dim, scale="tanh"),
         AdditiveCoupling(net, init(2), event_dim),
     ):
         y, ld = t.forward_and_log_det(x)

@@ -24,6 +24,8 @@ _SCALES = {
     "sigmoid": lambda raw: log_sigmoid(raw + 2.0),
     # Unconstrained: expands or contracts, identity at raw = 0.
     "exp": lambda raw: raw,
+    # Soft-clamped: log s = 3 tanh(raw / 3) in (-3, 3), identity at raw = 0.
+    "tanh": lambda raw: 3.0 * jnp.tanh(raw / 3.0),
 }
 
 
@@ -93,7 +95,9 @@ class AffineCoupling(_Coupling):
     :math:`x_b`; :math:`h = \mathrm{net}(\mathrm{params}, x_a)` has
     :math:`2 C_b` channels: a shift :math:`t = h_{[:C_b]}` and a raw scale
     :math:`r = h_{[C_b:]}`. With :math:`\log s = \log\sigma(r + 2)` (``scale="sigmoid"``,
-    Glow's choice) or :math:`\log s = r` (``scale="exp"``, able to expand):
+    Glow's choice), :math:`\log s = r` (``scale="exp"``, able to expand) or
+    :math:`\log s = 3\tanh(r/3)` (``scale="tanh"``, expands and contracts by at
+    most :math:`e^3` per layer, which keeps guides from diverging):
 
     .. math::
 
