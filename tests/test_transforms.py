@@ -250,7 +250,7 @@ def test_bad_construction_raises():
     with pytest.raises(ValueError, match="alpha"):
         Logitify(1.0)
     with pytest.raises(ValueError, match="scale"):
-        AffineCoupling(nets.mlp, [], scale="tanh")
+        AffineCoupling(nets.mlp, [], scale="softplus")
     with pytest.raises(ValueError, match="factor"):
         Squeeze(0)
     with pytest.raises(ValueError, match="same channel axis"):
