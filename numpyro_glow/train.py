@@ -324,12 +324,10 @@ class Trainer:
         return jnp.asarray(self.train_data.x[idx]), y
 
     def init(self) -> SVIState:
-        k, y = self.batch(0)
-        # a larger first batch for the ActNorm statistics
+        # a larger first batch than a training step's, for the ActNorm statistics
         n_init = min(len(self.train_data.x), 512)
         k = jnp.asarray(self.train_data.x[:n_init])
-        if self.num_classes is not None:
-            y = jnp.asarray(self.train_data.y[:n_init])
+        y = None if self.num_classes is None else jnp.asarray(self.train_data.y[:n_init])
         return self.svi.init(jax.random.PRNGKey(self.config.seed), k, y)
 
     def step_key(self, step: int) -> Array:
