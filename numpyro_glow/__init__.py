@@ -4,6 +4,7 @@ from . import data, nets, transforms
 from .autoguide import AutoGlow
 from .distribution import FlowDistribution, bits_per_dim
 from .glow import glow
+from .prior import inpainting_model, load_glow
 from .transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -24,6 +25,8 @@ __all__ = [
     "FlowDistribution",
     "bits_per_dim",
     "glow",
+    "inpainting_model",
+    "load_glow",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",

@@ -1,0 +1,64 @@
+"""The examples run end to end with tiny arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_guides(tmp_path):
+    example = _load("compare_guides")
+    out = tmp_path / "guides.json"
+    args = example.parser().parse_args(
+        ["--problems", "funnel", "regression", "--steps", "20", "--seconds", "0.2"]
+        + ["--guides", "AutoGlow", "AutoMultivariateNormal", "--eval-particles", "20"]
+        + ["--dim", "3", "--out", str(out)]
+    )
+    results = example.main(args)
+    assert set(results) == {"funnel", "regression"}
+    for rows in results.values():
+        assert set(rows) == {"AutoGlow", "AutoMultivariateNormal"}
+        for r in rows.values():
+            assert math.isfinite(r["elbo"]) and math.isfinite(r["elbo_at_seconds"])
+            assert r["steps_in_seconds"] >= 1 and r["seconds"] > 0
+    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))
+
+
+def test_neutra_funnel(tmp_path):
+    example = _load("neutra_funnel")
+    args = example.parser().parse_args(
+        ["--dim", "3", "--svi-steps", "10", "--num-warmup", "10", "--num-samples", "10"]
+        + ["--out", str(tmp_path / "neutra.json")]
+    )
+    results = example.main(args)
+    assert set(results) == {"NUTS", "NeuTra(AutoGlow) + NUTS"}
+    for r in results.values():
+        assert math.isfinite(r["v_mean"]) and r["ess_bulk"] > 0 and r["divergences"] >= 0
+        assert r["r_hat"] >= 0.9  # two chains: a number (inf if they disagree), not NaN
+    assert (tmp_path / "neutra.json").is_file()
+
+
+def test_inpainting(tmp_path, digits_checkpoint):
+    example = _load("inpainting")
+    args = example.parser().parse_args(
+        ["--checkpoint", str(digits_checkpoint), "--num-warmup", "10", "--num-samples", "10"]
+        + ["--mask", "random", "--out-dir", str(tmp_path)]
+    )
+    results = example.main(args)
+    assert results["hidden_pixels"] == 64 - int(example.make_mask("random", (8, 8, 1), 0).sum())
+    assert results["draws"] == 20  # 2 chains x 10
+    assert math.isfinite(results["rmse_hidden_posterior_mean"]) and results["ess_bulk_min"] > 0
+    assert math.isfinite(results["r_hat_max"])
+    assert (tmp_path / "inpainting.png").stat().st_size > 0
+    assert json.loads((tmp_path / "inpainting.json").read_text()) == results
