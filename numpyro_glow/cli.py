@@ -15,6 +15,15 @@ DATA_HELP = (
 )
 
 
+def _devices(text: str) -> int | str:
+    """``--devices``: a positive integer or ``all``."""
+    if text == "all":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     from .train import GlowConfig, TrainConfig
 
@@ -50,6 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--conditional", action="store_true", help="class-conditional top prior")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
     tr.add_argument("--no-progress", action="store_true")
+    par = tr.add_argument_group("several devices (see the docs page 'Several devices')")
+    par.add_argument(
+        "--devices",
+        type=_devices,
+        default=t.devices,
+        help="split each batch over the first N of jax.devices(), or 'all' (default: one; "
+        "with --distributed: all); the batch size must be a multiple of the device count",
+    )
+    par.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first: one process per host, same command",
+    )
+    par.add_argument(
+        "--coordinator-address", default=None, help="HOST:PORT of process 0 (--distributed)"
+    )
+    par.add_argument("--num-processes", type=int, default=None, help="(--distributed)")
+    par.add_argument("--process-id", type=int, default=None, help="0 .. N-1 (--distributed)")
 
     sa = sub.add_parser("sample", help="draw a PNG grid of samples from a checkpoint")
     sa.add_argument("checkpoint")
@@ -66,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
+    if args.distributed:  # before anything touches a device
+        import jax
+
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+        if args.devices is None:
+            args.devices = "all"
     from .train import GlowConfig, TrainConfig, train
 
     name = args.data.split(":", 1)[0]
@@ -97,6 +134,7 @@ def _train(args) -> int:
         patience=args.patience,
         seed=args.seed,
         progress=not args.no_progress,
+        devices=args.devices,
     )
     summary = train(config, resume=args.resume)
     print(
@@ -123,7 +161,8 @@ def _restore(path: str, data_spec: str | None = None, need_data: bool = True):
     from .train import TrainConfig, Trainer, load_checkpoint
 
     state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"])
+    # evaluating and sampling run on one device, whatever the training used
+    config = dataclasses.replace(TrainConfig.from_dict(state["config"]), devices=None)
     meta = state["data"]
     shape, levels, classes = tuple(meta["event_shape"]), meta["levels"], meta["num_classes"]
     if not need_data:

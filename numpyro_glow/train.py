@@ -18,6 +18,7 @@ divided by :math:`D \\log 2` is then bits per dimension.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,7 +37,7 @@ import numpyro.distributions as dist
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.svi import SVIState
 
-from . import nets
+from . import nets, parallel
 from .data import ImageData, Splits, train_validation_split
 from .data import load as load_data
 from .glow import glow, num_parameters
@@ -94,6 +95,9 @@ class TrainConfig:
     temperatures: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0)
     seed: int = 0
     progress: bool = True
+    # data parallel: None or 1 = one device; N = each batch split over the first N of
+    # jax.devices(); "all" = all of them (see numpyro_glow.parallel)
+    devices: int | str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -295,43 +299,68 @@ class Trainer:
         )
         self.optimizer = numpyro.optim.optax_to_numpyro(_optax(config))
         self.svi = SVI(self.model, self.guide, self.optimizer, Trace_ELBO())
-        self._update = jax.jit(self.svi.update)
+        # data parallel: batches split over a mesh, parameters and outputs replicated
+        self.mesh = parallel.make_mesh(config.devices)
+        if self.mesh.devices.size == 1:
+            self.mesh, jit = None, jax.jit
+        else:
+            parallel.check_batch_size(config.batch_size, self.mesh)
+            replicated = parallel.replicated_sharding(self.mesh)
+            jit = functools.partial(jax.jit, out_shardings=replicated)
+        self._update = jit(self.svi.update)
         # evaluation: the same model without dropout
         eval_kwargs = {**kwargs, "config": dataclasses.replace(config.model, dropout=0.0)}
         eval_model = _partial(density_model, **eval_kwargs)
         elbo = Trace_ELBO()
-        self._loss = jax.jit(
+        self._loss = jit(
             lambda key, params, k, y: elbo.loss(key, params, eval_model, self.guide, k, y)
         )
         # the uniform-dequantization bound of the same model, for comparison
         self._loss_uniform = self._loss
         if config.dequantization == "variational":
             uniform_guide = _partial(dequantization_guide, variational=False, **kwargs)
-            self._loss_uniform = jax.jit(
+            self._loss_uniform = jit(
                 lambda key, params, k, y: elbo.loss(key, params, eval_model, uniform_guide, k, y)
             )
+
+    # devices -----------------------------------------------------------------
+    def replicate(self, tree):
+        """``tree`` copied to every device of the mesh (unchanged on one device)."""
+        return tree if self.mesh is None else parallel.replicate(tree, self.mesh)
+
+    def place(self, k: np.ndarray | Array, y: np.ndarray | Array | None = None):
+        """A batch as device arrays: split along axis 0 over the mesh when its
+        length divides evenly over the devices, else replicated."""
+        if self.mesh is None:
+            return jnp.asarray(k), None if y is None else jnp.asarray(y)
+        if len(k) % self.mesh.devices.size:
+            return parallel.replicate((k, y), self.mesh)
+        return parallel.shard_batch((k, y), self.mesh)
 
     # batches ------------------------------------------------------------------
     def batch(self, step: int) -> tuple[Array, Array | None]:
         """The training batch of ``step``: a function of (seed, step) only, so a
-        resumed run sees the same batches as an uninterrupted one."""
+        resumed run sees the same batches as an uninterrupted one. With several
+        devices it is split over them along axis 0."""
         n, b = len(self.train_data.x), self.config.batch_size
         per_epoch = max(n // b, 1)
         epoch, i = divmod(step, per_epoch)
         perm = np.random.default_rng((self.config.seed, epoch)).permutation(n)
         idx = perm[i * b : (i + 1) * b]
-        y = None if self.num_classes is None else jnp.asarray(self.train_data.y[idx])
-        return jnp.asarray(self.train_data.x[idx]), y
+        y = None if self.num_classes is None else self.train_data.y[idx]
+        return self.place(self.train_data.x[idx], y)
 
     def init(self) -> SVIState:
+        """The SVI state, replicated over the devices. The data-dependent ActNorm
+        initialisation runs on one device, so it is the same for every device count."""
         # a larger first batch than a training step's, for the ActNorm statistics
         n_init = min(len(self.train_data.x), 512)
         k = jnp.asarray(self.train_data.x[:n_init])
         y = None if self.num_classes is None else jnp.asarray(self.train_data.y[:n_init])
-        return self.svi.init(jax.random.PRNGKey(self.config.seed), k, y)
+        return self.replicate(self.svi.init(jax.random.PRNGKey(self.config.seed), k, y))
 
     def step_key(self, step: int) -> Array:
-        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step)
+        return self.replicate(jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 1), step))
 
     def bits_per_dim(
         self, params: dict, data: ImageData, key: Array, batch: int = 512, uniform: bool = False
@@ -339,12 +368,10 @@ class Trainer:
         """The dequantization bound on ``data`` in bits per dimension (one noise draw
         per image), with the run's guide or (``uniform``) uniform dequantization."""
         loss = self._loss_uniform if uniform else self._loss
-        total = 0.0
+        total = 0.0  # chunks of ``batch`` images, split over the devices where they divide
         for start in range(0, len(data.x), batch):
-            k = jnp.asarray(data.x[start : start + batch])
-            y = None
-            if self.num_classes is not None:
-                y = jnp.asarray(data.y[start : start + batch])
+            y = None if self.num_classes is None else data.y[start : start + batch]
+            k, y = self.place(data.x[start : start + batch], y)
             total += float(loss(jax.random.fold_in(key, start), params, k, y))
         return total / (len(data.x) * self.num_dims * math.log(2.0))
 
@@ -403,31 +430,37 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
     parts = train_validation_split(splits.train, config.validation_size, config.seed)
     trainer = Trainer(config, parts.train, parts.test, _num_classes(splits))
     metrics_path = out / "metrics.jsonl"
+    primary = jax.process_index() == 0  # with several processes, the first one writes
     out.mkdir(parents=True, exist_ok=True)
 
     svi_state = trainer.init()  # also sets up SVI's parameter transforms
     if resume:
         state = load_checkpoint(ckpt_path)
         saved = TrainConfig.from_dict(state["config"])
-        if dataclasses.replace(saved, steps=config.steps, progress=config.progress) != config:
+        same = dict(steps=config.steps, progress=config.progress, devices=config.devices)
+        if dataclasses.replace(saved, **same) != config:
             raise ValueError(
                 f"{ckpt_path}: the checkpoint was written with another configuration; "
-                "resume with the same options (only --steps may change)"
+                "resume with the same options (only --steps and --devices may change)"
             )
         svi_state = jax.tree.map(jnp.asarray, state["svi_state"])
-        svi_state = SVIState(*svi_state)
+        svi_state = trainer.replicate(SVIState(*svi_state))
         step0, ema, best, history = state["step"], state["ema"], state["best"], state["history"]
         bad_evals = state["bad_evals"]
         # the evaluations after the checkpoint will run again: keep the file in step
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
+        if primary:
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
     else:
         step0, history = 0, []
         ema = trainer.svi.get_params(svi_state)
         best = {"params": ema, "validation_bpd": math.inf, "step": 0}
         bad_evals = 0
-        metrics_path.write_text("")
+        if primary:
+            metrics_path.write_text("")
 
     def checkpoint(step):
+        if not primary:
+            return
         save_checkpoint(
             ckpt_path,
             {
@@ -486,8 +519,9 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
                 bad_evals += 1
             record["best_validation_bpd"] = best["validation_bpd"]
             history.append(record)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if primary:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             seen, t_window = 0, time.perf_counter()
             if bad_evals >= config.patience:
                 stopped_early = True
@@ -505,7 +539,8 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
     )
     grid = _sample_grid(trainer, best["params"], config.temperatures)
     samples_path = out / "samples.png"
-    _save_png(grid, samples_path)
+    if primary:
+        _save_png(grid, samples_path)
     summary = {
         "data": config.data,
         "test_bpd": test_bpd,
@@ -525,9 +560,10 @@ def train(config: TrainConfig, *, resume: bool = False, data: Splits | None = No
         "metrics": str(metrics_path),
         "samples": str(samples_path),
     }
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps({"final": True, **summary}) + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if primary:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"final": True, **summary}) + "\n")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
