@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=10)
     p.add_argument("--num-flows", type=int, default=4)
-    p.add_argument("--svi-steps", type=int, default=5000)
+    p.add_argument("--svi-steps", type=int, default=20000)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--num-warmup", type=int, default=1000)
     p.add_argument("--num-samples", type=int, default=1000)
