@@ -38,6 +38,7 @@ class Case:
     make: Callable[[], GlowTransform]
     event_shape: tuple[int, ...]  # shape of one input to the transform
     unit_interval: bool = False  # inputs in [0, 1] (Logitify first)
+    forward_mode: bool = True  # False: reverse-mode only (a custom VJP), use jacrev
 
     def sample_x(self, key, batch_shape=()):
         shape = tuple(batch_shape) + self.event_shape
@@ -140,6 +141,12 @@ CASES = [
     Case("split_multiscale", split_level, (4, 4, 4)),
     Case("split_prior_only", lambda: Split(nets.conv_net, conv_params(14, 1, 2)), IMAGE),
     Case("scan_image_steps", lambda: Scan.stack([image_step(20), image_step(30)]), IMAGE),
+    Case(
+        "scan_image_steps_reversible",
+        lambda: Scan.stack([image_step(20), image_step(30)], reversible=True),
+        IMAGE,
+        forward_mode=False,
+    ),
     Case(
         "scan_vector_steps_unrolled",
         lambda: Scan.stack([vector_step(21), vector_step(31)], unroll=True),
