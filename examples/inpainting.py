@@ -124,8 +124,8 @@ def figure(truth, observed, mask, mean, sd, draws, out: Path) -> None:
     panels += [("posterior sd", sd)] + [(f"draw {i + 1}", d) for i, d in enumerate(draws)]
     fig, axes = plt.subplots(1, len(panels), figsize=(1.6 * len(panels), 2.0))
     for ax, (title, img) in zip(axes, panels, strict=True):
-        cmap = plt.get_cmap("magma" if title == "posterior sd" else "gray").copy()
-        cmap.set_bad("tab:blue")  # the hidden pixels of the observation
+        cmap = plt.get_cmap("magma" if title == "posterior sd" else "gray")
+        cmap = cmap.with_extremes(bad="tab:blue")  # the hidden pixels of the observation
         vmax = None if title == "posterior sd" else 1.0
         ax.imshow(np.squeeze(np.clip(img, 0, 1), -1), cmap=cmap, vmin=0, vmax=vmax)
         ax.set_title(title, fontsize=8)

@@ -173,8 +173,10 @@ def glow(
     with the step's inverse, then takes that step's vector-Jacobian product (see
     :class:`Scan`). Training memory no longer grows with ``depth``, for roughly
     one extra inverse and forward pass per step; values are unchanged, gradients
-    agree with plain autodiff to float32 rounding. Forward-mode autodiff
-    (``jax.jvp``) through the flow is then unavailable.
+    agree with plain autodiff up to the float32 drift of the recomputation.
+    Forward-mode autodiff (``jax.jvp``) through the flow is then unavailable.
+    The memory saving needs the rolled scan, ``unroll=1`` (see
+    ``benchmarks/memory.py``).
     """
     event_shape = tuple(event_shape)
     if len(event_shape) != 3:

@@ -149,10 +149,7 @@ def _scan_reversible_bwd(cfg, residuals, cotangents):
     g_y, g_total = cotangents
 
     def body(carry, params):
-        # The barrier ties this step's recomputation to the previous step's
-        # gradient: without it, an unrolled loop lets XLA hoist the whole chain
-        # of inverses ahead of the gradients and hold every recomputed input.
-        h_out, g_out = lax.optimization_barrier(carry)
+        h_out, g_out = carry
         f, o = params
         # Recompute this step's input from its output with the step's inverse ...
         h_in, _ = _step(_merge(cfg, f, o), h_out, not cfg.inverse)
@@ -219,16 +216,20 @@ class Scan(GlowTransform):
     both.
 
     Caveats: (1) The recomputed :math:`x_{k-1}` equals the true activation only
-    up to rounding; the error can grow through the ``K`` inverses, more with
-    badly conditioned steps (large ActNorm scales, small coupling scales).
-    Measured in float32 on a 16x16x3 Glow level with perturbed parameters, at
-    ``K = 32`` the recomputed activations differ from the stored ones by at most
-    ~1e-6 relative to their scale (``benchmarks/results/memory.md``), and the
-    gradients match plain autodiff to ~1e-5 relative. (2) A ``custom_vjp``
-    defines reverse mode only: forward-mode autodiff (``jax.jvp``,
-    ``jax.jacfwd``, ``jax.hessian``) through a reversible Scan raises; use
-    ``reversible=False`` there. (3) Integer leaves (e.g. LU permutations,
-    dropout keys) get no cotangent, as in plain autodiff. Without
+    up to rounding, and the error can grow through the ``K`` inverses, more with
+    badly conditioned steps (large ActNorm scales, small coupling scales). On a
+    16x16x3 Glow (``benchmarks/memory.py``, K=32, float32) the recomputed
+    activations differ from the stored ones by 1.7e-5 (2.9e-6 relative to the
+    largest); most gradients agree with plain autodiff to 1e-6..2e-4 of their
+    largest entry, but the first level's coupling-net weights next to the ReLUs
+    differed by up to 2e-2 (likely ReLU units within rounding of zero whose
+    derivative flips). In float64 the two agree to 1e-13. (2) The memory saving
+    needs the rolled scan (``unroll=1``): fully unrolled, XLA keeps most of the
+    backward's per-step temporaries alive (0.86x of plain's peak at K=32 against
+    0.17x rolled). (3) A ``custom_vjp`` defines reverse mode only: forward-mode
+    autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) through a reversible
+    Scan raises; use ``reversible=False`` there. (4) Integer leaves (LU
+    permutations, dropout keys) get no cotangent, as in plain autodiff. Without
     differentiation a reversible Scan computes exactly what a plain one does.
     """
 
