@@ -35,9 +35,9 @@ def funnel(dim: int = 10) -> None:
     numpyro.sample("x", dist.Normal(jnp.zeros(dim - 1), jnp.exp(v / 2)))
 
 
-def run_nuts(model, args: argparse.Namespace, key) -> tuple[MCMC, float]:
+def run_nuts(model, args: argparse.Namespace, key, target_accept: float = 0.8):
     mcmc = MCMC(
-        NUTS(model),
+        NUTS(model, target_accept_prob=target_accept),
         num_warmup=args.num_warmup,
         num_samples=args.num_samples,
         num_chains=args.num_chains,
@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> dict:
     fitted = svi.run(key_svi, args.svi_steps, progress_bar=False)
     svi_seconds = time.perf_counter() - t0
     neutra = NeuTraReparam(guide, fitted.params)
-    mcmc, seconds = run_nuts(neutra.reparam(model), args, key_neutra)
+    mcmc, seconds = run_nuts(neutra.reparam(model), args, key_neutra, args.target_accept)
     divergences = int(mcmc.get_extra_fields()["diverging"].sum())
     latent = mcmc.get_samples(group_by_chain=True)["auto_shared_latent"]
     samples = {k: np.asarray(v) for k, v in neutra.transform_sample(latent).items()}
@@ -116,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-warmup", type=int, default=1000)
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--num-chains", type=int, default=2)
+    p.add_argument(
+        "--target-accept", type=float, default=0.8, help="NUTS target acceptance under NeuTra"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON")
     return p

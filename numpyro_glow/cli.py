@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--dense", action="store_true", help="dense 1x1 convolution weight, not LU")
     tr.add_argument("--no-learn-top", action="store_true")
     tr.add_argument("--conditional", action="store_true", help="class-conditional top prior")
+    tr.add_argument(
+        "--reversible",
+        action="store_true",
+        help="recompute activations through the inverse in the backward pass (less memory)",
+    )
+    tr.add_argument(
+        "--precision",
+        choices=["float32", "bfloat16"],
+        default=g.precision,
+        help="bfloat16: mixed-precision coupling convolutions, float32 log-determinants",
+    )
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
     tr.add_argument("--no-progress", action="store_true")
     par = tr.add_argument_group("several devices (see the docs page 'Several devices')")
@@ -119,6 +130,8 @@ def _train(args) -> int:
             conditional=args.conditional,
             dropout=args.dropout,
             seed=args.seed,
+            reversible=args.reversible,
+            precision=args.precision,
         ),
         steps=args.steps,
         batch_size=args.batch_size,

@@ -100,6 +100,10 @@ def glow_step(
     return Chain([ActNorm(act["loc"], act["log_scale"], event_dim), mix, couple])
 
 
+# the coupling nets per ``precision``: float32, or bfloat16 convolutions (mixed)
+_NETS = {"float32": nets.conv_net, "bfloat16": nets.conv_net_bfloat16}
+
+
 def _lazy(fn: Callable[[], Array]) -> Callable[[], Array]:
     """Evaluate ``fn`` at most once, and only if asked (ActNorm's data init)."""
     return functools.cache(fn)
@@ -124,6 +128,7 @@ def glow(
     unroll: int | bool | None = None,
     dropout: float = 0.0,
     reversible: bool = False,
+    precision: str = "float32",
 ) -> FlowDistribution:
     r"""A multi-scale Glow over images in :math:`[0, 1]`, event shape ``(H, W, C)``.
 
@@ -167,6 +172,13 @@ def glow(
     constants built with NumPy); ``unroll`` is ``lax.scan``'s (default:
     :func:`default_unroll`).
 
+    **Mixed precision.** ``precision="bfloat16"`` runs the coupling networks'
+    convolutions in ``bfloat16`` (:func:`~numpyro_glow.nets.conv_net_bfloat16`);
+    their outputs are cast back to ``float32`` before the scale and shift, so
+    every log-determinant, ActNorm, 1x1 convolution and prior stays ``float32``.
+    It pays on accelerators with bfloat16 units; on a CPU without them it is
+    slower (``benchmarks/README.md``).
+
     **Reversible gradients.** With ``reversible=True`` each level's
     :class:`Scan` computes its gradient without storing the K steps'
     activations: the backward pass recomputes each step's input from its output
@@ -191,6 +203,9 @@ def glow(
         )
     if coupling not in ("affine", "additive"):
         raise ValueError(f"glow: expected coupling 'affine' or 'additive', got {coupling!r}")
+    if precision not in _NETS:
+        raise ValueError(f"glow: expected precision in {sorted(_NETS)}, got {precision!r}")
+    net = _NETS[precision]
     batch_shape: tuple[int, ...] = ()
     if num_classes is not None:
         if y is None:
@@ -243,14 +258,16 @@ def glow(
                 std = jnp.std(x, axis=(0, 1, 2))
                 loc, log_scale = loc.at[k].set(mean), log_scale.at[k].set(jnp.log(std + 1e-6))
                 params["actnorm"] = {"loc": loc, "log_scale": log_scale}
-                step = glow_step(_index(params, k), _index(constants, k), coupling)
+                step = glow_step(_index(params, k), _index(constants, k), coupling, net=net)
                 x = step(x)
             return params
 
         params = numpyro.param(f"{name}.level{level}", init_level)
         params = _with_dropout(params, dropout, depth)
         steps = Scan(
-            glow_step(params, {k: jnp.asarray(v) for k, v in constants.items()}, coupling),
+            glow_step(
+                params, {k: jnp.asarray(v) for k, v in constants.items()}, coupling, net=net
+            ),
             unroll,
             reversible=reversible,
         )

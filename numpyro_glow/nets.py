@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpyro
 from jax import Array, lax
 
-__all__ = ["conv_net", "conv_net_init", "mlp", "mlp_init", "module", "zero_conv", "zero_conv_init"]
+__all__ = [
+    "conv_net",
+    "conv_net_bfloat16",
+    "conv_net_init",
+    "mlp",
+    "mlp_init",
+    "module",
+    "zero_conv",
+    "zero_conv_init",
+]
 
 
 def _conv(x: Array, w: Array, b: Array) -> Array:
@@ -70,11 +79,27 @@ def conv_net(params: dict[str, Array], x: Array) -> Array:
     with ``dropout > 0``. The mask depends on the key only, never on ``x``, so
     the coupling stays a bijection with an exact log-determinant.
     """
+    return _conv_net(params, x, None)
+
+
+def conv_net_bfloat16(params: dict[str, Array], x: Array) -> Array:
+    """:func:`conv_net` in mixed precision: the input, weights and activations
+    in ``bfloat16``, the output cast back to the input's dtype, so the coupling
+    computes its scale, shift and log-determinant in ``float32``. Gradients
+    reach the ``float32`` parameters through the casts."""
+    return _conv_net(params, x, jnp.bfloat16)
+
+
+def _conv_net(params: dict[str, Array], x: Array, dtype) -> Array:
+    out_dtype = x.dtype
+    if dtype is not None:
+        weights = {k: params[k].astype(dtype) for k in ("w1", "b1", "w2", "b2", "w3", "b3")}
+        params, x = {**params, **weights}, x.astype(dtype)
     h = jax.nn.relu(_conv(x, params["w1"], params["b1"]))
     h = _dropout(params, h, 0)
     h = jax.nn.relu(jnp.einsum("...d,dc->...c", h, params["w2"]) + params["b2"])
     h = _dropout(params, h, 1)
-    return _conv(h, params["w3"], params["b3"])
+    return _conv(h, params["w3"], params["b3"]).astype(out_dtype)
 
 
 def _dropout(params: dict, h: Array, layer: int) -> Array:
@@ -82,7 +107,7 @@ def _dropout(params: dict, h: Array, layer: int) -> Array:
     if spec is None:
         return h
     keep = jax.random.bernoulli(jax.random.fold_in(spec["key"], layer), 1.0 - spec["rate"], h.shape)
-    return jnp.where(keep, h / (1.0 - spec["rate"]), 0.0)
+    return jnp.where(keep, h / (1.0 - spec["rate"]), 0.0).astype(h.dtype)
 
 
 def zero_conv_init(in_channels: int, out_channels: int) -> dict[str, Array]:

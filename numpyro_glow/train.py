@@ -71,6 +71,8 @@ class GlowConfig:
     alpha: float | None = 0.05
     dropout: float = 0.1
     seed: int = 0
+    reversible: bool = False  # recompute activations in the backward pass (memory flat in depth)
+    precision: str = "float32"  # or "bfloat16": mixed-precision coupling convolutions
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ def glow_from_config(
         init_data=init_data,
         seed=config.seed,
         dropout=config.dropout,
+        reversible=config.reversible,
+        precision=config.precision,
     )
 
 
