@@ -117,7 +117,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--num-chains", type=int, default=2)
     p.add_argument(
-        "--target-accept", type=float, default=0.8, help="NUTS target acceptance under NeuTra"
+        "--target-accept", type=float, default=0.95, help="NUTS target acceptance under NeuTra"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON")

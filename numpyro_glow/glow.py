@@ -253,13 +253,14 @@ def glow(
             if h_in is None:
                 return params
             x = h_in()
+            # one compiled step, reused for the K steps (eager op-by-op was slow)
+            apply_step = jax.jit(lambda p, c, x: glow_step(p, c, coupling, net=net)(x))
             for k in range(depth):
                 mean = jnp.mean(x, axis=(0, 1, 2))
                 std = jnp.std(x, axis=(0, 1, 2))
                 loc, log_scale = loc.at[k].set(mean), log_scale.at[k].set(jnp.log(std + 1e-6))
                 params["actnorm"] = {"loc": loc, "log_scale": log_scale}
-                step = glow_step(_index(params, k), _index(constants, k), coupling, net=net)
-                x = step(x)
+                x = apply_step(_index(params, k), _index(constants, k), x)
             return params
 
         params = numpyro.param(f"{name}.level{level}", init_level)
