@@ -35,9 +35,65 @@ __all__ = [
 def _conv(x: Array, w: Array, b: Array) -> Array:
     """'SAME' NHWC convolution with any batch shape in front of (H, W, C)."""
     batch = x.shape[:-3]
-    x4 = x.reshape((-1,) + x.shape[-3:])
-    y = lax.conv_general_dilated(x4, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = conv2d_same(x.reshape((-1,) + x.shape[-3:]), w)
     return y.reshape(batch + y.shape[-3:]) + b
+
+
+def _conv_xla(x: Array, w: Array) -> Array:
+    return lax.conv_general_dilated(
+        x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@jax.custom_vjp
+def conv2d_same(x: Array, w: Array) -> Array:
+    r"""Stride-1 'SAME' convolution of ``x`` ``(N, H, W, C_in)`` with an odd
+    ``(k_h, k_w, C_in, C_out)`` kernel ``w``, with a hand-written backward pass:
+
+    .. math::
+
+        ar x = \mathrm{conv}(ar y, 	ilde w), \qquad
+        ar w_{ij} = \sum_{n,h,w} x^{\mathrm{pad}}_{n, h+i, w+j}\, ar y_{n,h,w}^{	op},
+
+    with :math:`	ilde w` the kernel flipped in space and transposed in
+    channels, and the weight gradient as :math:`k_h k_w` matrix products of the
+    shifted, padded input with :math:`ar y`. The values are those of XLA's
+    own convolution gradients; the reason is speed: inside a rolled
+    ``lax.scan`` (the flat-compile depth loop), XLA:CPU's weight-gradient
+    convolution ran 17x slower than unrolled, while these forward convolutions
+    and matrix products run at the unrolled speed (``benchmarks/README.md``).
+    """
+    return _conv_xla(x, w)
+
+
+def _conv2d_same_fwd(x: Array, w: Array):
+    return _conv_xla(x, w), (x, w)
+
+
+def _conv2d_same_bwd(residuals, g: Array):
+    x, w = residuals
+    kh, kw, c_in, c_out = w.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"conv2d_same: expected an odd kernel, got {kh}x{kw}")
+    dx = _conv_xla(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
+    height, width = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    g2 = g.reshape(-1, c_out)
+    dw = jnp.stack(
+        [
+            jnp.stack(
+                [
+                    xp[:, i : i + height, j : j + width, :].reshape(-1, c_in).T @ g2
+                    for j in range(kw)
+                ]
+            )
+            for i in range(kh)
+        ]
+    )
+    return dx, dw.astype(w.dtype)
+
+
+conv2d_same.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
 
 
 def _he(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:

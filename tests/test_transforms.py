@@ -297,3 +297,35 @@ def test_user_network_via_numpyro_module_trains_with_svi():
     assert result.losses[-1] < result.losses[0] - 100
     # the first half passes the coupling untouched: ActNorm alone models it
     np.testing.assert_allclose(result.params["loc"][:2], data.mean(0)[:2], atol=0.3)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (3, 5)])
+def test_conv2d_same_matches_xla_gradients(kernel):
+    """The hand-written backward pass of the conditioner's convolution equals
+    XLA's autodiff of ``conv_general_dilated`` (values and both gradients)."""
+    from jax import lax
+
+    from numpyro_glow.nets import conv2d_same
+
+    kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (2, 6, 5, 3))
+    w = jax.random.normal(kw, (*kernel, 3, 4))
+
+    def xla(x, w):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
+
+    g = jax.random.normal(kg, (2, 6, 5, 4))
+    y_ref, vjp_ref = jax.vjp(xla, x, w)
+    y, vjp = jax.vjp(conv2d_same, x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+    for got, want in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_same_rejects_even_kernels():
+    from numpyro_glow.nets import conv2d_same
+
+    x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
+    with pytest.raises(ValueError, match="odd kernel"):
+        jax.grad(lambda w: conv2d_same(x, w).sum())(w)
