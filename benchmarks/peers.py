@@ -52,8 +52,8 @@ How each stack builds the model:
 
 - ``numpyro-glow``: ``numpyro_glow.glow(levels=L, depth=K, hidden_channels=128,
   coupling="affine", lu=True, learn_top=False, alpha=None)`` with the default
-  ``unroll`` (unrolled on CPU), and ``numpyro-glow-rolled`` with ``unroll=1``
-  (rolled ``lax.scan``); ActNorm initialised from the batch (``init_data``).
+  ``unroll`` (unrolled on CPU), and ``numpyro-glow, unroll=1`` with the steps
+  in a rolled ``lax.scan`` (flat compile time); ActNorm initialised from the batch (``init_data``).
   ``log_prob`` is the fused one-pass ``FlowDistribution.log_prob`` under
   ``jax.jit``; the train step is a jitted ``value_and_grad`` of the mean
   negative log-density plus ``optax.adam``, parameters and optimizer state
@@ -157,7 +157,7 @@ QUICK_CONFIGS = {
 _JAX = ("jax", "numpyro", "optax", "numpyro_glow")
 STACKS = {
     "numpyro": ("numpyro-glow", "ours", _JAX),
-    "numpyro_rolled": ("numpyro-glow, unroll=1", "ours", _JAX),
+    "numpyro_rolled": ("numpyro-glow, unroll=1 (rolled)", "ours", _JAX),
     "tfp": ("TFP tfb.Glow", "peers", ("tensorflow", "tensorflow_probability", "tf_keras")),
     "normflows": ("normflows", "peers", ("torch", "normflows")),
 }
@@ -302,7 +302,8 @@ def build_numpyro(cfg: dict, x, threads: int, unroll: int | bool | None = None):
 
 
 def build_numpyro_rolled(cfg: dict, x, threads: int):
-    """numpyro-glow with the K steps of a level in a rolled ``lax.scan``."""
+    """numpyro-glow with the K steps of a level in a rolled ``lax.scan`` (compile
+    time flat in K; ``conv2d_same`` backward)."""
     return build_numpyro(cfg, x, threads, unroll=1)
 
 

@@ -14,7 +14,7 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_uniform
 
 from . import nets
-from .glow import _rotations, glow_step
+from .glow import _rotations, default_unroll, glow_step
 from .transforms import ActNorm, Chain, Scan
 
 __all__ = ["AutoGlow"]
@@ -139,10 +139,7 @@ class AutoGlow(AutoContinuous):
         log_scale = numpyro.param(
             f"{self.prefix}_glow_log_scale", jnp.full(d, math.log(self._init_scale))
         )
-        # small vector steps compile fast; unrolled they ran fastest on CPU (the
-        # guide comparison in the docs was measured so)
-        unroll = True if jax.default_backend() == "cpu" else 1
-        return Chain([Scan(steps, unroll), ActNorm(loc, log_scale, event_dim=1).inv])
+        return Chain([Scan(steps, default_unroll(k)), ActNorm(loc, log_scale, event_dim=1).inv])
 
     def _get_posterior(self):
         return dist.TransformedDistribution(self.get_base_dist(), self._flow())

@@ -36,16 +36,17 @@ __all__ = ["glow", "glow_step", "default_unroll", "num_parameters"]
 
 
 def default_unroll(depth: int) -> int | bool:
-    """``lax.scan``'s ``unroll`` for the K steps of a level: 1 (rolled) everywhere.
+    """``lax.scan``'s ``unroll`` for the K steps of a level, per backend: unrolled
+    (``True``) on CPU, rolled (``1``) on accelerators.
 
-    The rolled scan compiles in time flat in depth. On CPU it used to train
-    3-10x slower than the unrolled loop, because XLA:CPU's weight-gradient
-    convolution is slow inside a while loop; the conditioner nets now use
-    :func:`~numpyro_glow.nets.conv2d_same`, whose backward pass avoids that
-    convolution, and the rolled scan is the faster of the two
-    (``benchmarks/glow_bench.py``). Pass ``unroll=True`` to ``glow`` to unroll.
+    The rolled scan compiles in time flat in depth. On CPU, XLA's own
+    weight-gradient convolution is about 17x slower inside a while loop, so a
+    rolled level uses :func:`~numpyro_glow.nets.conv2d_same` (a hand-written
+    backward pass that avoids it) and then trains about as fast as the
+    unrolled loop on small images, but 0.55-1.0x as fast at 28x28 and 32x32
+    with 128 channels (``benchmarks/README.md``); hence unrolled on CPU.
     """
-    return 1
+    return True if jax.default_backend() == "cpu" else 1
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,10 +102,6 @@ def glow_step(
         couple = AdditiveCoupling(net, params["coupling"], event_dim)
     act = params["actnorm"]
     return Chain([ActNorm(act["loc"], act["log_scale"], event_dim), mix, couple])
-
-
-# the coupling nets per ``precision``: float32, or bfloat16 convolutions (mixed)
-_NETS = {"float32": nets.conv_net, "bfloat16": nets.conv_net_bfloat16}
 
 
 def _lazy(fn: Callable[[], Array]) -> Callable[[], Array]:
@@ -206,9 +203,8 @@ def glow(
         )
     if coupling not in ("affine", "additive"):
         raise ValueError(f"glow: expected coupling 'affine' or 'additive', got {coupling!r}")
-    if precision not in _NETS:
-        raise ValueError(f"glow: expected precision in {sorted(_NETS)}, got {precision!r}")
-    net = _NETS[precision]
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"glow: expected precision 'float32' or 'bfloat16', got {precision!r}")
     batch_shape: tuple[int, ...] = ()
     if num_classes is not None:
         if y is None:
@@ -226,6 +222,7 @@ def glow(
             )
     if unroll is None:
         unroll = default_unroll(depth)
+    net = nets.conv_net_for(precision, rolled=unroll is not True)
 
     head: list[GlowTransform] = [Logitify(alpha)] if alpha is not None else []
     squeeze = Squeeze()

@@ -12,6 +12,7 @@ returns the params), and a Flax module's ``module.apply`` with its variables.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from jax import Array, lax
 __all__ = [
     "conv_net",
     "conv_net_bfloat16",
+    "conv_net_for",
+    "conv2d_same",
     "conv_net_init",
     "mlp",
     "mlp_init",
@@ -32,10 +35,11 @@ __all__ = [
 ]
 
 
-def _conv(x: Array, w: Array, b: Array) -> Array:
-    """'SAME' NHWC convolution with any batch shape in front of (H, W, C)."""
+def _conv(x: Array, w: Array, b: Array, conv: Callable | None = None) -> Array:
+    """'SAME' NHWC convolution with any batch shape in front of (H, W, C);
+    ``conv`` is XLA's (default) or :func:`conv2d_same`."""
     batch = x.shape[:-3]
-    y = conv2d_same(x.reshape((-1,) + x.shape[-3:]), w)
+    y = (conv or _conv_xla)(x.reshape((-1,) + x.shape[-3:]), w)
     return y.reshape(batch + y.shape[-3:]) + b
 
 
@@ -146,16 +150,35 @@ def conv_net_bfloat16(params: dict[str, Array], x: Array) -> Array:
     return _conv_net(params, x, jnp.bfloat16)
 
 
-def _conv_net(params: dict[str, Array], x: Array, dtype) -> Array:
+@functools.cache
+def conv_net_for(precision: str = "float32", rolled: bool = False) -> Callable:
+    """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
+    :func:`conv_net_bfloat16` (``precision``), with XLA's convolution gradients
+    when the steps are unrolled and :func:`conv2d_same`'s inside a rolled
+    ``lax.scan`` (``rolled``), where XLA:CPU's weight-gradient convolution is
+    slow. One function object per choice, so it is a stable static argument."""
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"expected precision 'float32' or 'bfloat16', got {precision!r}")
+    dtype = None if precision == "float32" else jnp.bfloat16
+    conv = conv2d_same if rolled else None
+
+    def net(params: dict[str, Array], x: Array) -> Array:
+        return _conv_net(params, x, dtype, conv)
+
+    net.__name__ = f"conv_net_{precision}" + ("_rolled" if rolled else "")
+    return net
+
+
+def _conv_net(params: dict[str, Array], x: Array, dtype, conv: Callable | None = None) -> Array:
     out_dtype = x.dtype
     if dtype is not None:
         weights = {k: params[k].astype(dtype) for k in ("w1", "b1", "w2", "b2", "w3", "b3")}
         params, x = {**params, **weights}, x.astype(dtype)
-    h = jax.nn.relu(_conv(x, params["w1"], params["b1"]))
+    h = jax.nn.relu(_conv(x, params["w1"], params["b1"], conv))
     h = _dropout(params, h, 0)
     h = jax.nn.relu(jnp.einsum("...d,dc->...c", h, params["w2"]) + params["b2"])
     h = _dropout(params, h, 1)
-    return _conv(h, params["w3"], params["b3"]).astype(out_dtype)
+    return _conv(h, params["w3"], params["b3"], conv).astype(out_dtype)
 
 
 def _dropout(params: dict, h: Array, layer: int) -> Array:
