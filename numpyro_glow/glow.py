@@ -203,8 +203,6 @@ def glow(
         )
     if coupling not in ("affine", "additive"):
         raise ValueError(f"glow: expected coupling 'affine' or 'additive', got {coupling!r}")
-    if precision not in ("float32", "bfloat16"):
-        raise ValueError(f"glow: expected precision 'float32' or 'bfloat16', got {precision!r}")
     batch_shape: tuple[int, ...] = ()
     if num_classes is not None:
         if y is None:

@@ -56,12 +56,12 @@ def conv2d_same(x: Array, w: Array) -> Array:
 
     .. math::
 
-        ar x = \mathrm{conv}(ar y, 	ilde w), \qquad
-        ar w_{ij} = \sum_{n,h,w} x^{\mathrm{pad}}_{n, h+i, w+j}\, ar y_{n,h,w}^{	op},
+        \bar x = \mathrm{conv}(\bar y, \tilde w), \qquad
+        \bar w_{ij} = \sum_{n,h,w} x^{\mathrm{pad}}_{n, h+i, w+j}\, \bar y_{n,h,w}^{\top},
 
-    with :math:`	ilde w` the kernel flipped in space and transposed in
+    with :math:`\tilde w` the kernel flipped in space and transposed in
     channels, and the weight gradient as :math:`k_h k_w` matrix products of the
-    shifted, padded input with :math:`ar y`. The values are those of XLA's
+    shifted, padded input with :math:`\bar y`. The values are those of XLA's
     own convolution gradients; the reason is speed: inside a rolled
     ``lax.scan`` (the flat-compile depth loop), XLA:CPU's weight-gradient
     convolution ran 17x slower than unrolled, while these forward convolutions
@@ -153,19 +153,21 @@ def conv_net_bfloat16(params: dict[str, Array], x: Array) -> Array:
 @functools.cache
 def conv_net_for(precision: str = "float32", rolled: bool = False) -> Callable:
     """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
-    :func:`conv_net_bfloat16` (``precision``), with XLA's convolution gradients
-    when the steps are unrolled and :func:`conv2d_same`'s inside a rolled
-    ``lax.scan`` (``rolled``), where XLA:CPU's weight-gradient convolution is
-    slow. One function object per choice, so it is a stable static argument."""
-    if precision not in ("float32", "bfloat16"):
+    :func:`conv_net_bfloat16` (``precision``) when the steps are unrolled, the
+    same with :func:`conv2d_same`'s gradients inside a rolled ``lax.scan``
+    (``rolled``), where XLA:CPU's weight-gradient convolution is slow. One
+    function object per choice, so it is a stable static argument."""
+    unrolled = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
+    if precision not in unrolled:
         raise ValueError(f"expected precision 'float32' or 'bfloat16', got {precision!r}")
+    if not rolled:
+        return unrolled[precision]
     dtype = None if precision == "float32" else jnp.bfloat16
-    conv = conv2d_same if rolled else None
 
     def net(params: dict[str, Array], x: Array) -> Array:
-        return _conv_net(params, x, dtype, conv)
+        return _conv_net(params, x, dtype, conv2d_same)
 
-    net.__name__ = f"conv_net_{precision}" + ("_rolled" if rolled else "")
+    net.__name__ = f"conv_net_{precision}_rolled"
     return net
 
 
