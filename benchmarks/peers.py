@@ -129,6 +129,7 @@ Differences that remain (none can be removed through the peers' public knobs):
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -148,16 +149,25 @@ RESULT_TAG = "PEERS_RESULT "
 CONFIGS = {
     "a": {"shape": (32, 32, 3), "levels": 3, "depth": 8, "hidden": 128, "batch": 64},
     "b": {"shape": (28, 28, 1), "levels": 2, "depth": 8, "hidden": 128, "batch": 64},
+    # the CIFAR-10 configuration of the Glow paper (Kingma & Dhariwal 2018): for a GPU
+    "paper": {"shape": (32, 32, 3), "levels": 3, "depth": 32, "hidden": 512, "batch": 64},
 }
 QUICK_CONFIGS = {
     "a": {"shape": (8, 8, 3), "levels": 3, "depth": 2, "hidden": 16, "batch": 8},
     "b": {"shape": (4, 4, 1), "levels": 2, "depth": 2, "hidden": 16, "batch": 8},
+    "paper": {"shape": (8, 8, 3), "levels": 3, "depth": 4, "hidden": 32, "batch": 8},
 }
 # stack name -> (label in the table, which interpreter runs it, modules it imports)
 _JAX = ("jax", "numpyro", "optax", "numpyro_glow")
 STACKS = {
     "numpyro": ("numpyro-glow", "ours", _JAX),
     "numpyro_rolled": ("numpyro-glow, unroll=1 (rolled)", "ours", _JAX),
+    "numpyro_unrolled": ("numpyro-glow, unrolled", "ours", _JAX),
+    "numpyro_rolled_xla": ("numpyro-glow, rolled, XLA conv grads", "ours", _JAX),
+    "numpyro_bf16": ("numpyro-glow, bfloat16 nets", "ours", _JAX),
+    "numpyro_unroll4": ("numpyro-glow, unroll=4", "ours", _JAX),
+    "numpyro_unroll8": ("numpyro-glow, unroll=8", "ours", _JAX),
+    "numpyro_unrolled_bf16": ("numpyro-glow, unrolled, bfloat16 nets", "ours", _JAX),
     "tfp": ("TFP tfb.Glow", "peers", ("tensorflow", "tensorflow_probability", "tf_keras")),
     "normflows": ("normflows", "peers", ("torch", "normflows")),
 }
@@ -231,8 +241,19 @@ def _pin_threads(threads: int) -> None:
 # (one Adam step, returns the loss, blocking).
 
 
-def build_numpyro(cfg: dict, x, threads: int, unroll: int | bool | None = None):
-    """numpyro-glow: the fused ``log_prob`` and an optax Adam step, jitted."""
+def build_numpyro(
+    cfg: dict,
+    x,
+    threads: int,
+    unroll: int | bool | None = None,
+    precision: str = "float32",
+    xla_conv_grads: bool = False,
+):
+    """numpyro-glow: the fused ``log_prob`` and an optax Adam step, jitted.
+
+    ``xla_conv_grads`` (an experiment, not an option of the package): rolled
+    levels keep XLA's own convolution gradients instead of ``conv2d_same``'s.
+    """
     import functools
 
     import jax
@@ -242,7 +263,12 @@ def build_numpyro(cfg: dict, x, threads: int, unroll: int | bool | None = None):
     from numpyro import handlers
 
     import numpyro_glow
+    from numpyro_glow import nets
     from numpyro_glow.glow import default_unroll, num_parameters
+
+    if xla_conv_grads:
+        unrolled_net = nets.conv_net_for(precision, rolled=False)
+        nets.conv_net_for = lambda precision="float32", rolled=False: unrolled_net
 
     xj = jnp.asarray(x)
 
@@ -258,6 +284,7 @@ def build_numpyro(cfg: dict, x, threads: int, unroll: int | bool | None = None):
             learn_top=False,
             alpha=None,
             unroll=unroll,
+            precision=precision,
             init_data=init_data,
         )
 
@@ -288,23 +315,90 @@ def build_numpyro(cfg: dict, x, threads: int, unroll: int | bool | None = None):
         state["params"], state["opt"], loss = step(state["params"], state["opt"], xj)
         return float(loss)
 
+    notes = f"unroll={unroll if unroll is not None else default_unroll(cfg['depth'])}"
+    if precision != "float32":
+        notes += f", {precision}"
+    if xla_conv_grads:
+        notes += ", XLA conv grads"
     return SimpleNamespace(
         versions={
             "jax": jax.__version__,
             "numpyro": numpyro.__version__,
             "optax": optax.__version__,
+            "device": jax.devices()[0].device_kind,
         },
         params=num_parameters(params),
         log_prob=log_prob,
         train_step=train_step,
-        notes=f"unroll={unroll if unroll is not None else default_unroll(cfg['depth'])}",
+        notes=notes,
+        xla_flops=lambda: {
+            "log_prob": _xla_flops(log_prob_jit, lp_params, xj),
+            "train": _xla_flops(step, state["params"], state["opt"], xj),
+        },
     )
+
+
+def model_flops(cfg: dict) -> dict[str, float]:
+    """Floating-point operations of one batch through the model of ``cfg``, counted
+    by hand: the multiply-adds (2 flops each) of every coupling network (3x3 conv
+    C/2 -> h, 1x1 conv h -> h, 3x3 conv h -> C), every 1x1 invertible convolution
+    (C -> C) and every split prior's 3x3 conv (C/2 -> C), on the squeezed
+    (H/2^(l+1)) x (W/2^(l+1)) x 4C 2^l grid of level l; elementwise work is left
+    out. ``train`` counts the backward pass as twice the forward (one product
+    for the input gradient, one for the weight gradient), the usual convention.
+
+    XLA's own count (``xla_flops`` in the JSON) is no substitute: it sees one
+    iteration of a rolled scan, and on GPU not the cuDNN convolutions at all.
+    """
+    height, width, channels = cfg["shape"]
+    hidden, forward = cfg["hidden"], 0.0
+    for level in range(cfg["levels"]):
+        pixels = (height // 2 ** (level + 1)) * (width // 2 ** (level + 1))
+        c = channels * 4 * 2**level
+        step = 9 * (c // 2) * hidden + hidden * hidden + 9 * hidden * c + c * c
+        forward += cfg["depth"] * 2 * pixels * step
+        if level < cfg["levels"] - 1:
+            forward += 2 * pixels * 9 * (c // 2) * c
+    forward *= cfg["batch"]
+    return {"log_prob": forward, "train": 3 * forward}
+
+
+def _xla_flops(fn, *args) -> float | None:
+    """Floating-point operations of one call of the jitted ``fn``, as XLA's cost
+    analysis of the compiled program counts them (None where it has none)."""
+    try:
+        cost = fn.lower(*args).compile().cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without cost analysis
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def build_numpyro_rolled(cfg: dict, x, threads: int):
     """numpyro-glow with the K steps of a level in a rolled ``lax.scan`` (compile
     time flat in K; ``conv2d_same`` backward)."""
     return build_numpyro(cfg, x, threads, unroll=1)
+
+
+def build_numpyro_unrolled(cfg: dict, x, threads: int):
+    """numpyro-glow with the K steps of a level unrolled (XLA's conv gradients)."""
+    return build_numpyro(cfg, x, threads, unroll=True)
+
+
+def build_numpyro_rolled_xla(cfg: dict, x, threads: int):
+    """numpyro-glow rolled, keeping XLA's own convolution gradients."""
+    return build_numpyro(cfg, x, threads, unroll=1, xla_conv_grads=True)
+
+
+def build_numpyro_bf16(cfg: dict, x, threads: int):
+    """numpyro-glow with bfloat16 coupling networks (default ``unroll``)."""
+    return build_numpyro(cfg, x, threads, precision="bfloat16")
+
+
+def build_numpyro_unrolled_bf16(cfg: dict, x, threads: int):
+    """numpyro-glow unrolled, with bfloat16 coupling networks."""
+    return build_numpyro(cfg, x, threads, unroll=True, precision="bfloat16")
 
 
 def build_tfp(cfg: dict, x, threads: int):
@@ -360,8 +454,10 @@ def build_normflows(cfg: dict, x, threads: int):
     import normflows as nf
     import torch
 
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(threads)
+        torch.set_num_interop_threads(threads)
     torch.manual_seed(0)
     h, w, c = cfg["shape"]
     levels, hidden = cfg["levels"], cfg["hidden"]
@@ -385,9 +481,9 @@ def build_normflows(cfg: dict, x, threads: int):
         else:
             latent = (c * 2 ** (levels + 1), h // 2**levels, w // 2**levels)
         q0.append(nf.distributions.DiagGaussian(latent, trainable=False))
-    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False)
+    model = nf.MultiscaleFlow(q0, flows, merges, class_cond=False).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()  # NCHW
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)  # NCHW
 
     def log_prob():
         with torch.no_grad():
@@ -401,17 +497,29 @@ def build_normflows(cfg: dict, x, threads: int):
         return loss.item()
 
     return SimpleNamespace(
-        versions={"torch": torch.__version__, "normflows": nf.__version__},
+        versions={
+            "torch": torch.__version__,
+            "normflows": nf.__version__,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "tf32 convs": torch.backends.cudnn.allow_tf32,
+            "tf32 matmuls": torch.backends.cuda.matmul.allow_tf32,
+        },
         params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         log_prob=log_prob,
         train_step=train_step,
-        notes="eager",
+        notes=f"eager, {device}",
     )
 
 
 BUILDERS = {
     "numpyro": build_numpyro,
     "numpyro_rolled": build_numpyro_rolled,
+    "numpyro_unrolled": build_numpyro_unrolled,
+    "numpyro_rolled_xla": build_numpyro_rolled_xla,
+    "numpyro_bf16": build_numpyro_bf16,
+    "numpyro_unroll4": functools.partial(build_numpyro, unroll=4),
+    "numpyro_unroll8": functools.partial(build_numpyro, unroll=8),
+    "numpyro_unrolled_bf16": build_numpyro_unrolled_bf16,
     "tfp": build_tfp,
     "normflows": build_normflows,
 }
@@ -422,7 +530,8 @@ BUILDERS = {
 
 def run_child(stack: str, cfg: dict, args: argparse.Namespace) -> dict:
     """Build and time one stack on one config, in this (fresh) process."""
-    _pin_threads(args.threads)
+    if args.device == "cpu":
+        _pin_threads(args.threads)
     x = _data(cfg)
     import_s, _ = _timed(lambda: [importlib.import_module(m) for m in STACKS[stack][2]])
     rss_import = _rss_mib()
@@ -449,6 +558,12 @@ def run_child(stack: str, cfg: dict, args: argparse.Namespace) -> dict:
         tr = _measure(bench.train_step, args.warmup, args.repeats)
         result["train"] = tr
         result["train_img_s"] = cfg["batch"] / tr["median_s"]
+        flops = model_flops(cfg)
+        result["flops"] = flops
+        for key, timing in (("log_prob", lp), ("train", tr)):
+            result[f"{key}_tflop_s"] = flops[key] / timing["median_s"] / 1e12
+        if hasattr(bench, "xla_flops"):  # after the timings: it compiles both again
+            result["xla_flops"] = bench.xla_flops()
     result["peak_rss_mib"] = _peak_rss_mib()
     return result
 
@@ -456,17 +571,19 @@ def run_child(stack: str, cfg: dict, args: argparse.Namespace) -> dict:
 # -------------------------------------------------------------------------- parent
 
 
-def _child_env(threads: int) -> dict:
+def _child_env(threads: int, device: str) -> dict:
     env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        OPENBLAS_NUM_THREADS=str(threads),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        CUDA_VISIBLE_DEVICES="",
-        JAX_PLATFORMS="cpu",
-        PYTHONUNBUFFERED="1",
-    )
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    if device == "cpu":
+        env.update(
+            OMP_NUM_THREADS=str(threads),
+            MKL_NUM_THREADS=str(threads),
+            OPENBLAS_NUM_THREADS=str(threads),
+            CUDA_VISIBLE_DEVICES="",
+            JAX_PLATFORMS="cpu",
+        )
+    else:  # one process at a time owns the GPU: no preallocation of 75% of it
+        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false")
     return env
 
 
@@ -486,6 +603,8 @@ def spawn(stack: str, config: str, cfg: dict, args: argparse.Namespace) -> dict:
         str(args.warmup),
         "--threads",
         str(args.threads),
+        "--device",
+        args.device,
     ]
     if args.params_only:
         cmd.append("--params-only")
@@ -496,7 +615,7 @@ def spawn(stack: str, config: str, cfg: dict, args: argparse.Namespace) -> dict:
             cmd,
             capture_output=True,
             text=True,
-            env=_child_env(args.threads),
+            env=_child_env(args.threads, args.device),
             cwd=HERE.parent,
             timeout=args.timeout,
         )
@@ -525,8 +644,8 @@ def table(results: dict, configs: dict, params_only: bool) -> str:
         rows = [
             "| config | stack | params | init NLL (nats/dim) | log_prob (img/s) | vs ours "
             "| train step (img/s) | vs ours | build (s) | log_prob first call (s) "
-            "| train first call (s) | peak RSS (MiB) | after import (MiB) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| train first call (s) | peak RSS (MiB) | after import (MiB) | train TFLOP/s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     for config, per_stack in results.items():
         cfg = configs[config]
@@ -552,20 +671,44 @@ def table(results: dict, configs: dict, params_only: bool) -> str:
                 f"| {r['log_prob_img_s']:.1f} | {_fmt(lp_ratio, '.2f')}x "
                 f"| {r['train_img_s']:.1f} | {_fmt(tr_ratio, '.2f')}x | {r['build_s']:.1f} "
                 f"| {r['log_prob']['first_call_s']:.2f} | {r['train']['first_call_s']:.2f} "
-                f"| {r['peak_rss_mib']:.0f} | {r['rss_after_import_mib']:.0f} |"
+                f"| {r['peak_rss_mib']:.0f} | {r['rss_after_import_mib']:.0f} "
+                f"| {_fmt(r.get('train_tflop_s'), '.2f')} |"
             )
     return "\n".join(rows)
+
+
+def _write(out: Path, results: dict, configs: dict, args: argparse.Namespace) -> str:
+    """Write the JSON record and the markdown table of ``results`` so far."""
+    md = table({c: r for c, r in results.items() if r}, configs, args.params_only)
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+        "configs": configs,
+        "results": results,
+        "table": md,
+    }
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    out.with_suffix(".md").write_text(md + "\n")
+    return md
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
-    parser.add_argument("--configs", default="a,b", help="comma-separated, from: a, b")
+    parser.add_argument("--configs", default="a,b", help="comma-separated, from: a, b, paper")
     parser.add_argument("--stacks", default=",".join(STACKS), help="from: " + ", ".join(STACKS))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats: a smoke run")
     parser.add_argument("--params-only", action="store_true", help="build and count, no timing")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every framework")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="cpu: every child pinned to --threads CPUs, GPUs hidden; gpu: JAX and "
+        "PyTorch on the first GPU (TFP is CPU-only here)",
+    )
     parser.add_argument(
         "--peers-python",
         default="/work/peers-venv/bin/python",
@@ -591,25 +734,17 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [s for s in stacks if s not in STACKS]
     if unknown:
         parser.error(f"unknown stacks {unknown}; choose from {list(STACKS)}")
-    results: dict[str, dict] = {}
-    for config, cfg in configs.items():
-        results[config] = {stack: spawn(stack, config, cfg, args) for stack in stacks}
-
-    md = table(results, configs, args.params_only)
-    suffix = "_quick" if args.quick else ""
+    suffix = "_gpu" if args.device == "gpu" else ""
+    suffix += "_quick" if args.quick else ""
     suffix += "_params" if args.params_only else ""
     out = Path(args.out) if args.out else HERE / "results" / f"peers{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-        "configs": configs,
-        "results": results,
-        "table": md,
-    }
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    out.with_suffix(".md").write_text(md + "\n")
+    results: dict[str, dict] = {}
+    for config, cfg in configs.items():
+        results[config] = {}
+        for stack in stacks:
+            results[config][stack] = spawn(stack, config, cfg, args)
+            md = _write(out, results, configs, args)  # after every child: a crash keeps the rest
     print(md)
     print(f"\nwrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
 

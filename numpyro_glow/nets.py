@@ -154,9 +154,10 @@ def conv_net_bfloat16(params: dict[str, Array], x: Array) -> Array:
 def conv_net_for(precision: str = "float32", rolled: bool = False) -> Callable:
     """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
     :func:`conv_net_bfloat16` (``precision``) when the steps are unrolled, the
-    same with :func:`conv2d_same`'s gradients inside a rolled ``lax.scan``
-    (``rolled``), where XLA:CPU's weight-gradient convolution is slow. One
-    function object per choice, so it is a stable static argument."""
+    same with :func:`conv2d_same`'s gradients inside a rolled ``lax.scan`` on
+    CPU (``rolled``), where XLA:CPU's weight-gradient convolution is slow (on an
+    H100, XLA's own gradients are 1.0-1.4x faster there, ``benchmarks/README.md``).
+    One function object per choice, so it is a stable static argument."""
     unrolled = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
     if precision not in unrolled:
         raise ValueError(f"expected precision 'float32' or 'bfloat16', got {precision!r}")
