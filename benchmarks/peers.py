@@ -6,12 +6,26 @@ see ``benchmarks/requirements-peers.txt``)::
     python benchmarks/peers.py --peers-python /work/peers-venv/bin/python
     python benchmarks/peers.py --peers-python /work/peers-venv/bin/python --quick  # smoke
     python benchmarks/peers.py --peers-python /work/peers-venv/bin/python --params-only
+    python benchmarks/peers.py --device gpu --configs a,paper --peers-python python3 \\
+        --stacks numpyro,normflows  # python3: one interpreter with JAX (CUDA) and torch
+
+``--device gpu`` (on a machine with a GPU; results in ``results/peers_gpu.json``
+by default): the children are not pinned to CPUs and see the GPUs; they get
+``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (one child at a time holds the GPU, and
+JAX does not reserve most of its memory up front); JAX uses its first GPU, and
+normflows moves its model and batch to ``cuda`` (``torch.cuda.is_available()``).
+TFP has not been run on a GPU: TensorFlow is not installed on the machine the
+GPU results in ``benchmarks/README.md`` come from. ``benchmarks/ceiling.py``
+measures, on the same machine, the matrix-product ceiling the ``train TFLOP/s``
+column is compared with (an 8192^3 matmul in JAX: float32 at the default
+precision, TF32 on NVIDIA GPUs from Ampere on; float32 ``highest``; bfloat16).
 
 Every (stack, config) pair runs in its own fresh subprocess, so that its peak
 RSS is its own and no two frameworks share a process or fight over threads;
 ours runs under ``sys.executable``, TFP and normflows under ``--peers-python``.
 The parent collects one JSON line from each child, writes ``--out`` (JSON) and
-a markdown table next to it, and prints the table. Per child:
+a markdown table next to it after every child (so a crash or a ``--timeout``
+keeps the rows before it), and prints the table at the end. Per child:
 
 - ``params``: trainable scalars of the model.
 - ``init NLL``: the mean negative log-density of the fixed batch at
@@ -31,6 +45,14 @@ a markdown table next to it, and prints the table. Per child:
 - ``peak RSS``: ``ru_maxrss`` of the child at the end, framework import
   included; ``after import`` is the RSS once the framework is imported, before
   the model is built (so the difference is what the model and its runs add).
+  Host memory only: GPU memory is not measured.
+- ``train TFLOP/s``: ``model_flops(cfg)["train"]`` (a hand count of the
+  convolutions' flops, backward counted as twice the forward; see its
+  docstring) over the median train-step time; the JSON also has
+  ``log_prob_tflop_s`` and the count itself (``flops``). XLA's cost analysis of
+  numpyro-glow's two compiled functions is kept as ``xla_flops`` but is not
+  usable as a count: it sees one iteration of a rolled scan, and on GPU not the
+  cuDNN convolutions.
 - Ratios ``vs ours`` divide by the ``numpyro-glow`` (default ``unroll``) row of
   the same config, measured in the same run.
 
@@ -39,21 +61,39 @@ L=2; both K=8 steps per level, each ActNorm, LU-factored 1x1 convolution, affine
 coupling whose network is 3x3 conv, ReLU, 1x1 conv, ReLU, zero-initialised 3x3
 conv with 128 hidden channels, Glow's ``sigmoid(h + 2)`` scale; half of the
 channels leave after every level but the last; fixed standard normal base.
-``--quick`` uses tiny shapes (8x8x3 with L=3, 4x4x1 with L=2, K=2, 16 hidden
-channels, batch 8) and 2 repeats.
+``paper`` (for a GPU; not in the default ``--configs a,b``): the Glow paper's
+CIFAR-10 configuration, 32x32x3, L=3, K=32, 512 hidden channels, batch 64
+(44,051,148 parameters in numpyro-glow). ``--quick`` uses tiny shapes (8x8x3
+with L=3, 4x4x1 with L=2, K=2, 16 hidden channels, batch 8; ``paper``: 8x8x3,
+L=3, K=4, 32 hidden channels, batch 8) and 2 repeats.
 
-Threads: each child is pinned to ``--threads`` CPUs (2; ``sched_setaffinity``,
-when the machine has more), and each framework is told the same: OMP/MKL env
-variables, ``torch.set_num_threads``/``set_num_interop_threads``,
-``tf.config.threading`` intra/inter-op. XLA's CPU thread pool has no knob; it
-sizes itself from the CPUs the process may use, hence the pinning.
+Threads (``--device cpu``, the default): each child is pinned to ``--threads``
+CPUs (2; ``sched_setaffinity``, when the machine has more), GPUs are hidden
+(``CUDA_VISIBLE_DEVICES=""``, ``JAX_PLATFORMS=cpu``), and each framework is
+told the same: OMP/MKL env variables,
+``torch.set_num_threads``/``set_num_interop_threads``, ``tf.config.threading``
+intra/inter-op. XLA's CPU thread pool has no knob; it sizes itself from the
+CPUs the process may use, hence the pinning. With ``--device gpu`` nothing is
+pinned and no OMP/MKL variables are set; ``--threads`` still reaches TF's
+threading settings, and PyTorch's when it sees no GPU.
 
 How each stack builds the model:
 
 - ``numpyro-glow``: ``numpyro_glow.glow(levels=L, depth=K, hidden_channels=128,
   coupling="affine", lu=True, learn_top=False, alpha=None)`` with the default
-  ``unroll`` (unrolled on CPU), and ``numpyro-glow, unroll=1`` with the steps
-  in a rolled ``lax.scan`` (flat compile time); ActNorm initialised from the batch (``init_data``).
+  ``unroll`` (``default_unroll``: ``1``, rolled, on CPU; ``4`` on
+  accelerators); ActNorm initialised from the batch (``init_data``); on CPU
+  the conditioners' convolutions are ``nets.conv2d_same``'s matrix products.
+  Variants, one stack each: ``numpyro_rolled`` (``unroll=1``),
+  ``numpyro_unrolled`` (``unroll=True``), ``numpyro_unroll4`` and
+  ``numpyro_unroll8``, ``numpyro_bf16`` (``precision="bfloat16"`` coupling
+  nets, default ``unroll``), ``numpyro_unrolled_bf16`` (both); and three
+  experiments, not options of the package, that put XLA's own convolutions
+  (``lax.conv_general_dilated`` and its autodiff) in place of ``conv2d_same``
+  by monkeypatching ``nets.conv_net_for`` in the child (so they differ from
+  the plain rows on CPU only): ``numpyro_xla_convs`` (default ``unroll``),
+  ``numpyro_rolled_xla`` (``unroll=1``) and ``numpyro_unrolled_xla``
+  (``unroll=True``: the package's CPU default before ``conv2d_same``).
   ``log_prob`` is the fused one-pass ``FlowDistribution.log_prob`` under
   ``jax.jit``; the train step is a jitted ``value_and_grad`` of the mean
   negative log-density plus ``optax.adam``, parameters and optimizer state
@@ -69,7 +109,10 @@ How each stack builds the model:
   scale_map="sigmoid", split_mode="channel", use_lu=True)`` and a
   ``nf.flows.Squeeze``, ``nf.flows.Merge`` between levels, and a fixed
   ``DiagGaussian(trainable=False)`` per level (``class_cond=False``); eager
-  PyTorch, ``torch.optim.Adam``; ``log_prob`` under ``torch.no_grad``.
+  PyTorch, ``torch.optim.Adam``; ``log_prob`` under ``torch.no_grad``. On
+  ``cuda`` when PyTorch sees a GPU (``--device gpu``), with PyTorch's defaults:
+  TF32 for cuDNN convolutions (``torch.backends.cudnn.allow_tf32``), not for
+  matmuls; both flags are recorded in the child's ``versions``.
 
 Parameter counts (``--params-only``; numpyro-glow / TFP / normflows): config a
 1,614,924 / 1,590,060 / 1,611,648, config b 433,868 / 433,132 / 433,792. The
@@ -163,7 +206,9 @@ STACKS = {
     "numpyro": ("numpyro-glow", "ours", _JAX),
     "numpyro_rolled": ("numpyro-glow, unroll=1 (rolled)", "ours", _JAX),
     "numpyro_unrolled": ("numpyro-glow, unrolled", "ours", _JAX),
-    "numpyro_rolled_xla": ("numpyro-glow, rolled, XLA conv grads", "ours", _JAX),
+    "numpyro_rolled_xla": ("numpyro-glow, rolled, XLA convolutions", "ours", _JAX),
+    "numpyro_xla_convs": ("numpyro-glow, XLA convolutions", "ours", _JAX),
+    "numpyro_unrolled_xla": ("numpyro-glow, unrolled, XLA convolutions", "ours", _JAX),
     "numpyro_bf16": ("numpyro-glow, bfloat16 nets", "ours", _JAX),
     "numpyro_unroll4": ("numpyro-glow, unroll=4", "ours", _JAX),
     "numpyro_unroll8": ("numpyro-glow, unroll=8", "ours", _JAX),
@@ -247,12 +292,14 @@ def build_numpyro(
     threads: int,
     unroll: int | bool | None = None,
     precision: str = "float32",
-    xla_conv_grads: bool = False,
+    xla_convs: bool = False,
 ):
     """numpyro-glow: the fused ``log_prob`` and an optax Adam step, jitted.
 
-    ``xla_conv_grads`` (an experiment, not an option of the package): rolled
-    levels keep XLA's own convolution gradients instead of ``conv2d_same``'s.
+    ``xla_convs`` (an experiment, not an option of the package): the
+    conditioners use XLA's own convolutions (``lax.conv_general_dilated`` and
+    its autodiff) where ``glow`` would pick ``conv2d_same``'s matrix products
+    (on CPU); on GPU it changes nothing.
     """
     import functools
 
@@ -266,9 +313,9 @@ def build_numpyro(
     from numpyro_glow import nets
     from numpyro_glow.glow import default_unroll, num_parameters
 
-    if xla_conv_grads:
-        unrolled_net = nets.conv_net_for(precision, rolled=False)
-        nets.conv_net_for = lambda precision="float32", rolled=False: unrolled_net
+    if xla_convs:
+        xla_net = nets.conv_net_for(precision, matmul_convs=False)
+        nets.conv_net_for = lambda precision="float32", matmul_convs=False: xla_net
 
     xj = jnp.asarray(x)
 
@@ -318,8 +365,8 @@ def build_numpyro(
     notes = f"unroll={unroll if unroll is not None else default_unroll(cfg['depth'])}"
     if precision != "float32":
         notes += f", {precision}"
-    if xla_conv_grads:
-        notes += ", XLA conv grads"
+    if xla_convs:
+        notes += ", XLA convolutions"
     return SimpleNamespace(
         versions={
             "jax": jax.__version__,
@@ -377,7 +424,7 @@ def _xla_flops(fn, *args) -> float | None:
 
 def build_numpyro_rolled(cfg: dict, x, threads: int):
     """numpyro-glow with the K steps of a level in a rolled ``lax.scan`` (compile
-    time flat in K; ``conv2d_same`` backward)."""
+    time flat in K; the CPU default)."""
     return build_numpyro(cfg, x, threads, unroll=1)
 
 
@@ -388,7 +435,7 @@ def build_numpyro_unrolled(cfg: dict, x, threads: int):
 
 def build_numpyro_rolled_xla(cfg: dict, x, threads: int):
     """numpyro-glow rolled, keeping XLA's own convolution gradients."""
-    return build_numpyro(cfg, x, threads, unroll=1, xla_conv_grads=True)
+    return build_numpyro(cfg, x, threads, unroll=1, xla_convs=True)
 
 
 def build_numpyro_bf16(cfg: dict, x, threads: int):
@@ -517,6 +564,8 @@ BUILDERS = {
     "numpyro_unrolled": build_numpyro_unrolled,
     "numpyro_rolled_xla": build_numpyro_rolled_xla,
     "numpyro_bf16": build_numpyro_bf16,
+    "numpyro_xla_convs": functools.partial(build_numpyro, xla_convs=True),
+    "numpyro_unrolled_xla": functools.partial(build_numpyro, unroll=True, xla_convs=True),
     "numpyro_unroll4": functools.partial(build_numpyro, unroll=4),
     "numpyro_unroll8": functools.partial(build_numpyro, unroll=8),
     "numpyro_unrolled_bf16": build_numpyro_unrolled_bf16,

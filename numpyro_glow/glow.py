@@ -36,21 +36,20 @@ __all__ = ["glow", "glow_step", "default_unroll", "num_parameters"]
 
 
 def default_unroll(depth: int) -> int | bool:
-    """``lax.scan``'s ``unroll`` for the K steps of a level, per backend: unrolled
-    (``True``) on CPU, four steps per loop iteration (``4``) on accelerators.
+    """``lax.scan``'s ``unroll`` for the K steps of a level, per backend: rolled
+    (``1``) on CPU, four steps per loop iteration (``4``) on accelerators. Both
+    keep the compile time flat in depth (the loop body holds one or four steps).
 
-    A rolled scan compiles in time flat in depth. On CPU, XLA's own
-    weight-gradient convolution is about 17x slower inside a while loop, so a
-    rolled level uses :func:`~numpyro_glow.nets.conv2d_same` (a hand-written
-    backward pass that avoids it) and then trains about as fast as the
-    unrolled loop on small images, but 0.55-1.0x as fast at 28x28 and 32x32
-    with 128 channels (``benchmarks/README.md``); hence unrolled on CPU. On an
-    H100 at the paper's CIFAR-10 size (L=3, K=32, 512 channels), ``unroll=4``
-    trains 1.12x faster than ``1`` and compiles in 13 s against 9 s, where the
-    fully unrolled levels train 1.20x faster but compile in 104 s; the body of
-    four steps keeps the compile time flat in depth.
+    On CPU the conditioners' convolutions are :func:`~numpyro_glow.nets.conv2d_same`'s
+    matrix products, which run as fast inside the rolled loop as outside it;
+    the rolled loop then trains 1.10-1.19x and scores 1.06-1.24x faster than
+    the unrolled one at 32x32x3 and 28x28x1 with 128 channels, and compiles in
+    about half the time (``benchmarks/README.md``). On an H100 at the paper's
+    CIFAR-10 size (L=3, K=32, 512 channels), ``unroll=4`` trains 1.12x faster
+    than ``1`` and compiles in 13 s against 9 s, where fully unrolled levels
+    train 1.20x faster but compile in 104 s.
     """
-    return True if jax.default_backend() == "cpu" else 4
+    return 1 if jax.default_backend() == "cpu" else 4
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,9 +223,9 @@ def glow(
             )
     if unroll is None:
         unroll = default_unroll(depth)
-    # conv2d_same's hand-written backward pays only on XLA:CPU (its weight-gradient
-    # convolution is slow inside a while loop); GPUs keep XLA's (cuDNN's) own
-    net = nets.conv_net_for(precision, rolled=unroll is not True and jax.default_backend() == "cpu")
+    # XLA:CPU's convolutions run at half its matrix-product rate (their weight
+    # gradients 17x slower inside a rolled scan): conv2d_same on CPU, cuDNN on GPUs
+    net = nets.conv_net_for(precision, matmul_convs=jax.default_backend() == "cpu")
 
     head: list[GlowTransform] = [Logitify(alpha)] if alpha is not None else []
     squeeze = Squeeze()

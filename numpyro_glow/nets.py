@@ -49,55 +49,93 @@ def _conv_xla(x: Array, w: Array) -> Array:
     )
 
 
-@jax.custom_vjp
-def conv2d_same(x: Array, w: Array) -> Array:
-    r"""Stride-1 'SAME' convolution of ``x`` ``(N, H, W, C_in)`` with an odd
-    ``(k_h, k_w, C_in, C_out)`` kernel ``w``, with a hand-written backward pass:
-
-    .. math::
-
-        \bar x = \mathrm{conv}(\bar y, \tilde w), \qquad
-        \bar w_{ij} = \sum_{n,h,w} x^{\mathrm{pad}}_{n, h+i, w+j}\, \bar y_{n,h,w}^{\top},
-
-    with :math:`\tilde w` the kernel flipped in space and transposed in
-    channels, and the weight gradient as :math:`k_h k_w` matrix products of the
-    shifted, padded input with :math:`\bar y`. The values are those of XLA's
-    own convolution gradients; the reason is speed: inside a rolled
-    ``lax.scan`` (the flat-compile depth loop), XLA:CPU's weight-gradient
-    convolution ran 17x slower than unrolled, while these forward convolutions
-    and matrix products run at the unrolled speed (``benchmarks/README.md``).
-    """
-    return _conv_xla(x, w)
+def _shifted(z: Array, kh: int, kw: int, flip: bool) -> Array:
+    """``(N, H, W, C) -> (N, H, W, kh kw C)``: block ``t = (i, j)`` holds
+    ``z[h + s o_i, w + s o_j]`` (zero outside), ``o = (i - kh//2, j - kw//2)``,
+    ``s = -1`` if ``flip`` else ``1``."""
+    height, width = z.shape[1], z.shape[2]
+    ph, pw = kh // 2, kw // 2
+    zp = jnp.pad(z, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    blocks = []
+    for i in range(kh):
+        for j in range(kw):
+            a, b = (2 * ph - i, 2 * pw - j) if flip else (i, j)
+            blocks.append(zp[:, a : a + height, b : b + width])
+    return jnp.concatenate(blocks, axis=-1)
 
 
-def _conv2d_same_fwd(x: Array, w: Array):
-    return _conv_xla(x, w), (x, w)
+def _fold(y: Array, kh: int, kw: int, flip: bool) -> Array:
+    """``(N, H, W, kh kw C) -> (N, H, W, C)``: the sum over taps ``t = (i, j)``
+    of block ``t`` read at ``(h + s o_i, w + s o_j)`` (notation of :func:`_shifted`).
+
+    The blocks are taken with ``jnp.split`` (whose transpose is a concatenation),
+    so that autodiff's transpose of ``_fold`` is :func:`_shifted` (with the
+    opposite ``flip``) rather than a sum of ``kh kw`` zero-padded copies."""
+    height, width = y.shape[1], y.shape[2]
+    ph, pw = kh // 2, kw // 2
+    out = None
+    for t, block in enumerate(jnp.split(y, kh * kw, axis=-1)):
+        i, j = divmod(t, kw)
+        a, b = (2 * ph - i, 2 * pw - j) if flip else (i, j)
+        padded = jnp.pad(block, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+        shifted = padded[:, a : a + height, b : b + width]
+        out = shifted if out is None else out + shifted
+    return out
 
 
-def _conv2d_same_bwd(residuals, g: Array):
-    x, w = residuals
+def _matmul(a: Array, b: Array) -> Array:
+    """``(..., K) @ (K, M)`` as one 2-D matrix product."""
+    return (a.reshape(-1, a.shape[-1]) @ b).reshape(*a.shape[:-1], b.shape[-1])
+
+
+def _taps_by_channel(w: Array) -> Array:
+    """``(kh, kw, C_in, C_out) -> (C_in, kh kw C_out)``, tap-major columns."""
     kh, kw, c_in, c_out = w.shape
+    return w.reshape(kh * kw, c_in, c_out).transpose(1, 0, 2).reshape(c_in, kh * kw * c_out)
+
+
+def _check_odd(w: Array) -> None:
+    kh, kw = w.shape[:2]
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"conv2d_same: expected an odd kernel, got {kh}x{kw}")
-    dx = _conv_xla(g, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2))
-    height, width = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    g2 = g.reshape(-1, c_out)
-    dw = jnp.stack(
-        [
-            jnp.stack(
-                [
-                    xp[:, i : i + height, j : j + width, :].reshape(-1, c_in).T @ g2
-                    for j in range(kw)
-                ]
-            )
-            for i in range(kh)
-        ]
-    )
-    return dx, dw.astype(w.dtype)
 
 
-conv2d_same.defvjp(_conv2d_same_fwd, _conv2d_same_bwd)
+def conv2d_same(x: Array, w: Array) -> Array:
+    r"""Stride-1 'SAME' convolution of ``x`` ``(N, H, W, C_in)`` with an odd
+    ``(k_h, k_w, C_in, C_out)`` kernel ``w``, as one matrix product.
+
+    With :math:`T = k_h k_w` taps of offsets :math:`o_t`,
+    :math:`y_p = \sum_t x_{p + o_t} W_t`, computed from shifted copies of the
+    tensor with fewer channels:
+
+    - :math:`C_{in} \le C_{out}` (Glow's first layer): the input's shifted
+      copies :math:`P_{p,t} = x_{p+o_t}`, ``(N H W, T C_in)``, give
+      :math:`y = P\,W_{(T C_{in}) \times C_{out}}`;
+    - :math:`C_{in} > C_{out}` (the last layer): :math:`Y = x\,[W_1 \dots W_T]`,
+      ``(N H W, T C_out)``, summed over shifts, :math:`y_p = \sum_t Y_{p+o_t, t}`.
+
+    Ordinary autodiff then gives the backward pass as the same kind of
+    products: for the first case :math:`\bar W = P^\top \bar y` and
+    :math:`\bar x_q = \sum_t (\bar y\,W^\top)_{q - o_t, t}`; for the second, with
+    the gradient's shifted copies :math:`G_{q,t} = \bar y_{q - o_t}`,
+    :math:`\bar x = G\,[W_1 \dots W_T]^\top` and
+    :math:`[\bar W_1 \dots \bar W_T] = x^\top G` (:func:`_fold` is written so
+    that its transpose is a concatenation of shifted copies). Forward mode,
+    ``vmap`` and higher derivatives work as for any JAX function.
+
+    The values are XLA's convolution and its gradients up to float32 rounding
+    (summation order). The reason is speed on CPU: XLA:CPU's convolutions run
+    at about half its matrix-product rate, their weight gradients slower
+    still, and 17x slower inside a rolled ``lax.scan``; these products run at
+    the matrix-product rate everywhere (2.4-3x faster gradients for Glow's
+    first and last conditioner layers at 16x16, ``benchmarks/README.md``).
+    GPUs keep XLA's (cuDNN's) convolutions (:func:`conv_net_for`).
+    """
+    _check_odd(w)
+    kh, kw, c_in, c_out = w.shape
+    if c_in <= c_out:
+        return _matmul(_shifted(x, kh, kw, flip=False), w.reshape(kh * kw * c_in, c_out))
+    return _fold(_matmul(x, _taps_by_channel(w)), kh, kw, flip=False)
 
 
 def _he(key: Array, shape: tuple[int, ...], fan_in: int) -> Array:
@@ -151,24 +189,28 @@ def conv_net_bfloat16(params: dict[str, Array], x: Array) -> Array:
 
 
 @functools.cache
-def conv_net_for(precision: str = "float32", rolled: bool = False) -> Callable:
+def conv_net_for(precision: str = "float32", matmul_convs: bool = False) -> Callable:
     """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
-    :func:`conv_net_bfloat16` (``precision``) when the steps are unrolled, the
-    same with :func:`conv2d_same`'s gradients inside a rolled ``lax.scan`` on
-    CPU (``rolled``), where XLA:CPU's weight-gradient convolution is slow (on an
-    H100, XLA's own gradients are 1.0-1.4x faster there, ``benchmarks/README.md``).
-    One function object per choice, so it is a stable static argument."""
-    unrolled = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
-    if precision not in unrolled:
+    :func:`conv_net_bfloat16` (``precision``), with XLA's convolutions, or with
+    :func:`conv2d_same`'s matrix products (``matmul_convs``; ``glow`` picks
+    them on CPU, where they train 2.4-2.6x faster per layer, and keeps XLA's,
+    that is cuDNN's, on GPUs). One function object per choice, so it is a
+    stable static argument."""
+    plain = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
+    if precision not in plain:
         raise ValueError(f"expected precision 'float32' or 'bfloat16', got {precision!r}")
-    if not rolled:
-        return unrolled[precision]
+    if not matmul_convs:
+        return plain[precision]
+    return _MATMUL_NETS[precision]
+
+
+def _matmul_net(precision: str) -> Callable:
     dtype = None if precision == "float32" else jnp.bfloat16
 
     def net(params: dict[str, Array], x: Array) -> Array:
         return _conv_net(params, x, dtype, conv2d_same)
 
-    net.__name__ = f"conv_net_{precision}_rolled"
+    net.__name__ = f"conv_net_{precision}_matmul"
     return net
 
 
@@ -234,3 +276,6 @@ def module(name: str, nn: tuple, input_shape: tuple[int, ...]) -> tuple[Callable
     """
     bound = numpyro.module(name, nn, input_shape)
     return bound.func, bound.args[0]
+
+
+_MATMUL_NETS = {precision: _matmul_net(precision) for precision in ("float32", "bfloat16")}

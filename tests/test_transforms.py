@@ -299,28 +299,36 @@ def test_user_network_via_numpyro_module_trains_with_svi():
     np.testing.assert_allclose(result.params["loc"][:2], data.mean(0)[:2], atol=0.3)
 
 
-@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (3, 5)])
-def test_conv2d_same_matches_xla_gradients(kernel):
-    """The hand-written backward pass of the conditioner's convolution equals
-    XLA's autodiff of ``conv_general_dilated`` (values and both gradients)."""
+@pytest.mark.parametrize(
+    "kernel,c_in,c_out", [((3, 3), 3, 4), ((1, 1), 3, 4), ((3, 5), 3, 4), ((3, 3), 5, 2)]
+)
+def test_conv2d_same_matches_xla_gradients(kernel, c_in, c_out):
+    """The matrix-product convolution of the conditioner equals XLA's
+    ``conv_general_dilated``: values, both gradients and forward-mode
+    derivatives, on both paths (C_in <= C_out and C_in > C_out)."""
     from jax import lax
 
     from numpyro_glow.nets import conv2d_same
 
     kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (2, 6, 5, 3))
-    w = jax.random.normal(kw, (*kernel, 3, 4))
+    x = jax.random.normal(kx, (2, 6, 5, c_in))
+    w = jax.random.normal(kw, (*kernel, c_in, c_out))
 
     def xla(x, w):
         dims = ("NHWC", "HWIO", "NHWC")
         return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)
 
-    g = jax.random.normal(kg, (2, 6, 5, 4))
+    g = jax.random.normal(kg, (2, 6, 5, c_out))
     y_ref, vjp_ref = jax.vjp(xla, x, w)
     y, vjp = jax.vjp(conv2d_same, x, w)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-6)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for got, want in zip(jax.jit(vjp)(g), vjp_ref(g), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # forward mode too (no custom rule in the way)
+    tangents = (jnp.cos(x), jnp.sin(w))
+    _, jvp = jax.jvp(conv2d_same, (x, w), tangents)
+    _, jvp_ref = jax.jvp(xla, (x, w), tangents)
+    np.testing.assert_allclose(jvp, jvp_ref, rtol=1e-4, atol=1e-4)
 
 
 def test_conv2d_same_rejects_even_kernels():
@@ -328,4 +336,4 @@ def test_conv2d_same_rejects_even_kernels():
 
     x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
     with pytest.raises(ValueError, match="odd kernel"):
-        jax.grad(lambda w: conv2d_same(x, w).sum())(w)
+        conv2d_same(x, w)
