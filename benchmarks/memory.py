@@ -11,8 +11,8 @@ respect to all parameters, with ``glow(..., reversible=False)`` (plain
 autodiff, which stores every step's activations) and ``reversible=True`` (the
 backward pass recomputes them with each step's inverse, see
 :class:`numpyro_glow.transforms.Scan`), each with the K steps in a rolled
-``lax.scan`` (``unroll=1``) and fully unrolled (``unroll=True``, the CPU
-default). It reports:
+``lax.scan`` (``unroll=1``, the CPU default) and fully unrolled
+(``unroll=True``). It reports:
 
 - XLA's own accounting of the compiled executable,
   ``jax.jit(f).lower(...).compile().memory_analysis()``: ``temp`` (the

@@ -127,7 +127,7 @@ def conv2d_same(x: Array, w: Array) -> Array:
     (summation order). The reason is speed on CPU: XLA:CPU's convolutions run
     at about half its matrix-product rate, their weight gradients slower
     still, and 17x slower inside a rolled ``lax.scan``; these products run at
-    the matrix-product rate everywhere (2.4-3x faster gradients for Glow's
+    the matrix-product rate everywhere (2.6-3.2x faster gradients for Glow's
     first and last conditioner layers at 16x16, ``benchmarks/README.md``).
     GPUs keep XLA's (cuDNN's) convolutions (:func:`conv_net_for`).
     """
@@ -193,7 +193,7 @@ def conv_net_for(precision: str = "float32", matmul_convs: bool = False) -> Call
     """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
     :func:`conv_net_bfloat16` (``precision``), with XLA's convolutions, or with
     :func:`conv2d_same`'s matrix products (``matmul_convs``; ``glow`` picks
-    them on CPU, where they train 2.4-2.6x faster per layer, and keeps XLA's,
+    them on CPU, where they train 2.6-3.2x faster per layer, and keeps XLA's,
     that is cuDNN's, on GPUs). One function object per choice, so it is a
     stable static argument."""
     plain = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
@@ -212,6 +212,10 @@ def _matmul_net(precision: str) -> Callable:
 
     net.__name__ = f"conv_net_{precision}_matmul"
     return net
+
+
+# built once: the same function object for every call, a stable static argument
+_MATMUL_NETS = {precision: _matmul_net(precision) for precision in ("float32", "bfloat16")}
 
 
 def _conv_net(params: dict[str, Array], x: Array, dtype, conv: Callable | None = None) -> Array:
@@ -276,6 +280,3 @@ def module(name: str, nn: tuple, input_shape: tuple[int, ...]) -> tuple[Callable
     """
     bound = numpyro.module(name, nn, input_shape)
     return bound.func, bound.args[0]
-
-
-_MATMUL_NETS = {precision: _matmul_net(precision) for precision in ("float32", "bfloat16")}

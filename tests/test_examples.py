@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -17,6 +19,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow  # ~28 s of compiles (four guides); run with -m slow
 def test_compare_guides(tmp_path):
     example = _load("compare_guides")
     out = tmp_path / "guides.json"
