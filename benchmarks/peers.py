@@ -747,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
     parser.add_argument("--configs", default="a,b", help="comma-separated, from: a, b, paper")
+    parser.add_argument("--batch", type=int, default=None, help="override every config's batch")
     parser.add_argument("--stacks", default=",".join(STACKS), help="from: " + ", ".join(STACKS))
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 repeats: a smoke run")
     parser.add_argument("--params-only", action="store_true", help="build and count, no timing")
@@ -778,7 +779,10 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     all_configs = QUICK_CONFIGS if args.quick else CONFIGS
-    configs = {c: all_configs[c] for c in args.configs.split(",")}
+    configs = {c: dict(all_configs[c]) for c in args.configs.split(",")}
+    if args.batch is not None:
+        for cfg in configs.values():
+            cfg["batch"] = args.batch
     stacks = args.stacks.split(",")
     unknown = [s for s in stacks if s not in STACKS]
     if unknown:
