@@ -337,3 +337,44 @@ def test_conv2d_same_rejects_even_kernels():
     x, w = jnp.ones((1, 4, 4, 1)), jnp.ones((2, 2, 1, 1))
     with pytest.raises(ValueError, match="odd kernel"):
         conv2d_same(x, w)
+
+
+def test_relu_matches_jax_relu_derivatives_included():
+    """``nets.relu`` reads its derivative mask from the output; values, forward
+    and reverse derivatives (0 at exactly 0, as ``jax.nn.relu``) and the second
+    derivative are ``jax.nn.relu``'s."""
+    x = jnp.array([-2.0, -0.5, 0.0, 0.0, 0.3, 4.0])
+    t = jnp.arange(1.0, 7.0)
+    np.testing.assert_array_equal(nets.relu(x), jax.nn.relu(x))
+    np.testing.assert_array_equal(
+        jax.jvp(nets.relu, (x,), (t,))[1], jax.jvp(jax.nn.relu, (x,), (t,))[1]
+    )
+    np.testing.assert_array_equal(jax.vjp(nets.relu, x)[1](t)[0], jax.vjp(jax.nn.relu, x)[1](t)[0])
+    d2 = jax.vmap(jax.grad(jax.grad(nets.relu)))(x)
+    np.testing.assert_array_equal(d2, jnp.zeros_like(x))
+
+
+@pytest.mark.parametrize("matmul_convs", [False, True])
+def test_conv_net_matches_reference_formulation(matmul_convs):
+    """The conditioner (ReLU with output masks, 1x1 layer as a 2-D product,
+    either convolution) equals the textbook formulation with ``jax.nn.relu``,
+    an einsum and XLA's convolutions: values and parameter gradients."""
+    from jax import lax
+
+    def conv(x, w, b):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims) + b
+
+    def reference(p, x):
+        h = jax.nn.relu(conv(x, p["w1"], p["b1"]))
+        h = jax.nn.relu(jnp.einsum("...d,dc->...c", h, p["w2"]) + p["b2"])
+        return conv(h, p["w3"], p["b3"])
+
+    params = conv_params(3, 2, 4, 8)
+    x = jax.random.normal(KEY, (3, 4, 4, 2))
+    net = nets.conv_net_for("float32", matmul_convs)
+    np.testing.assert_allclose(net(params, x), reference(params, x), rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda p: jnp.sum(jnp.sin(f(p, x)))  # noqa: E731
+    got, want = jax.grad(loss(net))(params), jax.grad(loss(reference))(params)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5, err_msg=k)
