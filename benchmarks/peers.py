@@ -422,30 +422,19 @@ def _xla_flops(fn, *args) -> float | None:
     return float(cost["flops"]) if cost and "flops" in cost else None
 
 
-def build_numpyro_rolled(cfg: dict, x, threads: int):
-    """numpyro-glow with the K steps of a level in a rolled ``lax.scan`` (compile
-    time flat in K; the CPU default)."""
-    return build_numpyro(cfg, x, threads, unroll=1)
-
-
-def build_numpyro_unrolled(cfg: dict, x, threads: int):
-    """numpyro-glow with the K steps of a level unrolled (XLA's conv gradients)."""
-    return build_numpyro(cfg, x, threads, unroll=True)
-
-
-def build_numpyro_rolled_xla(cfg: dict, x, threads: int):
-    """numpyro-glow rolled, keeping XLA's own convolution gradients."""
-    return build_numpyro(cfg, x, threads, unroll=1, xla_convs=True)
-
-
-def build_numpyro_bf16(cfg: dict, x, threads: int):
-    """numpyro-glow with bfloat16 coupling networks (default ``unroll``)."""
-    return build_numpyro(cfg, x, threads, precision="bfloat16")
-
-
-def build_numpyro_unrolled_bf16(cfg: dict, x, threads: int):
-    """numpyro-glow unrolled, with bfloat16 coupling networks."""
-    return build_numpyro(cfg, x, threads, unroll=True, precision="bfloat16")
+# numpyro-glow's rows: build_numpyro's keyword arguments per stack (labels in STACKS)
+NUMPYRO_VARIANTS = {
+    "numpyro": {},
+    "numpyro_rolled": {"unroll": 1},
+    "numpyro_unrolled": {"unroll": True},
+    "numpyro_rolled_xla": {"unroll": 1, "xla_convs": True},
+    "numpyro_bf16": {"precision": "bfloat16"},
+    "numpyro_xla_convs": {"xla_convs": True},
+    "numpyro_unrolled_xla": {"unroll": True, "xla_convs": True},
+    "numpyro_unroll4": {"unroll": 4},
+    "numpyro_unroll8": {"unroll": 8},
+    "numpyro_unrolled_bf16": {"unroll": True, "precision": "bfloat16"},
+}
 
 
 def build_tfp(cfg: dict, x, threads: int):
@@ -559,16 +548,10 @@ def build_normflows(cfg: dict, x, threads: int):
 
 
 BUILDERS = {
-    "numpyro": build_numpyro,
-    "numpyro_rolled": build_numpyro_rolled,
-    "numpyro_unrolled": build_numpyro_unrolled,
-    "numpyro_rolled_xla": build_numpyro_rolled_xla,
-    "numpyro_bf16": build_numpyro_bf16,
-    "numpyro_xla_convs": functools.partial(build_numpyro, xla_convs=True),
-    "numpyro_unrolled_xla": functools.partial(build_numpyro, unroll=True, xla_convs=True),
-    "numpyro_unroll4": functools.partial(build_numpyro, unroll=4),
-    "numpyro_unroll8": functools.partial(build_numpyro, unroll=8),
-    "numpyro_unrolled_bf16": build_numpyro_unrolled_bf16,
+    **{
+        stack: functools.partial(build_numpyro, **kwargs)
+        for stack, kwargs in NUMPYRO_VARIANTS.items()
+    },
     "tfp": build_tfp,
     "normflows": build_normflows,
 }

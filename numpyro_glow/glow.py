@@ -41,14 +41,14 @@ def default_unroll(depth: int) -> int | bool:
     keep the compile time flat in depth (the loop body holds one or four steps).
 
     On CPU the conditioners' convolutions are :func:`~numpyro_glow.nets.conv2d_same`'s
-    matrix products, which run as fast inside the rolled loop as outside it;
-    the rolled loop then trains as fast as the unrolled one (1.00x and 1.05x
-    at 32x32x3 and 28x28x1 with 128 channels, ``log_prob`` 1.03x and 1.06x)
-    and its first train step compiles in 0.56-0.62x the time (3.9 s against
-    23.7 s at depth 32 on 8x8 images; ``benchmarks/README.md``). On an H100 at the paper's
-    CIFAR-10 size (L=3, K=32, 512 channels), ``unroll=4`` trains 1.12x faster
-    than ``1`` and compiles in 13 s against 9 s, where fully unrolled levels
-    train 1.20x faster but compile in 104 s.
+    matrix products, which run as fast inside the rolled loop as outside it.
+    The rolled loop then trains 1.00-1.52x as fast as the unrolled one at
+    32x32x3 and 0.92-1.05x at 28x28x1 (128 channels; two ``benchmarks/peers.py``
+    runs, so equal within noise or faster), and its first train step compiles in
+    0.45-0.62x the time (7.6 s against 16.8 s at 32x32x3; ``benchmarks/README.md``).
+    On an H100 at the paper's CIFAR-10 size (L=3, K=32, 512 channels),
+    ``unroll=4`` trains 1.12x faster than ``1`` and compiles in 13 s against
+    9 s, where fully unrolled levels train 1.20x faster but compile in 104 s.
     """
     return 1 if jax.default_backend() == "cpu" else 4
 
