@@ -182,6 +182,8 @@ class _Plan:
 
 
 def _plan(
+    *,
+    name,
     event_shape,
     levels,
     depth,
@@ -201,6 +203,8 @@ def _plan(
     precision,
 ) -> _Plan:
     """Check every argument of :func:`glow`; raise ``ValueError`` on the first bad one."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"glow: expected a non-empty string name, got {name!r}")
     event_shape = tuple(event_shape)
     if len(event_shape) != 3:
         raise ValueError(f"glow: expected event_shape (H, W, C), got {event_shape}")
@@ -243,26 +247,9 @@ def _plan(
     # XLA:CPU's convolutions run at half its matrix-product rate (their weight
     # gradients 17x slower inside a rolled scan): conv2d_same on CPU, cuDNN on GPUs
     net = nets.conv_net_for(precision, matmul_convs=jax.default_backend() == "cpu")
-    return _Plan(
-        event_shape,
-        levels,
-        depth,
-        hidden_channels,
-        coupling,
-        lu,
-        learn_top,
-        num_classes,
-        y,
-        batch_shape,
-        head,
-        temperature,
-        init_data,
-        seed,
-        unroll,
-        float(dropout),
-        bool(reversible),
-        net,
-    )
+    dropout, reversible = float(dropout), bool(reversible)
+    checked = locals()  # the checked arguments and what follows, named as _Plan's fields
+    return _Plan(**{field.name: checked[field.name] for field in dataclasses.fields(_Plan)})
 
 
 def glow(
@@ -353,25 +340,7 @@ def glow(
     (``unroll=1``) on every backend unless ``unroll`` is given
     (:doc:`/performance`, *Options*).
     """
-    plan = _plan(
-        event_shape,
-        levels,
-        depth,
-        hidden_channels,
-        coupling,
-        lu,
-        learn_top,
-        num_classes,
-        y,
-        alpha,
-        temperature,
-        init_data,
-        seed,
-        unroll,
-        dropout,
-        reversible,
-        precision,
-    )
+    plan = _plan(**locals())  # every argument, checked
     h_in = None
     if plan.init_data is not None:
         h_in = _lazy(lambda: Chain([*plan.head, Squeeze()])(plan.init_data))

@@ -134,12 +134,12 @@ def conv2d_same(x: Array, w: Array) -> Array:
     ``vmap`` and higher derivatives work as for any JAX function.
 
     The values are XLA's convolution and its gradients up to float32 rounding
-    (summation order). The reason is speed on CPU: XLA:CPU's convolutions run
-    at about half its matrix-product rate, their weight gradients slower
-    still, and 17x slower inside a rolled ``lax.scan``; these products run at
-    the matrix-product rate everywhere (2.6-3.2x faster gradients for Glow's
-    first and last conditioner layers at 16x16, ``benchmarks/README.md``).
-    GPUs keep XLA's (cuDNN's) convolutions (:func:`conv_net_for`).
+    (summation order). The reason is speed on CPU: XLA:CPU runs its
+    convolutions, and more so their weight gradients (most of all inside a
+    rolled ``lax.scan``), well below its matrix-product rate, and these
+    products run at that rate. GPUs keep XLA's (cuDNN's) convolutions
+    (:func:`conv_net_for`). :doc:`/performance` (*Options*) has the
+    measurements and the commands that reproduce them.
     """
     _check_odd(w)
     kh, kw, c_in, c_out = w.shape
@@ -160,9 +160,8 @@ def relu(x: Array) -> Array:
     anyway. Reading the output instead lets XLA keep one array per layer and
     fuse the mask into the backward product. Together with the 1x1 layer as
     a 2-D matrix product (which drops a transposed copy before its weight
-    gradient) this made the CPU train step of ``benchmarks/peers.py`` config
-    (a) 1.10-1.14x faster; neither change alone gained anything
-    (``benchmarks/README.md``).
+    gradient) this made the CPU train step faster, where neither change alone
+    did (:doc:`/performance`).
     """
     return jnp.maximum(x, 0)
 
@@ -230,8 +229,8 @@ def conv_net_for(precision: str = "float32", matmul_convs: bool = False) -> Call
     """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
     :func:`conv_net_bfloat16` (``precision``), with XLA's convolutions, or with
     :func:`conv2d_same`'s matrix products (``matmul_convs``; ``glow`` picks
-    them on CPU, where they train 2.6-3.2x faster per layer, and keeps XLA's,
-    that is cuDNN's, on GPUs). One function object per choice, so it is a
+    them on CPU, where they train faster, and keeps XLA's, that is cuDNN's, on
+    GPUs; :doc:`/performance`). One function object per choice, so it is a
     stable static argument (``functools.cache``)."""
     plain = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
     if precision not in plain:

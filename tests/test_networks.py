@@ -48,7 +48,8 @@ def page():
 def test_page_example_trains(page, kind):
     losses = np.asarray(page[f"{KINDS[kind]}_result"].losses)
     assert np.isfinite(losses).all()
-    assert losses[-20:].mean() < losses[:20].mean() - 0.3, (losses[:3], losses[-3:])
+    # the flow starts as the identity (a standard normal); the fit gains a lot
+    assert losses[-20:].mean() < 0.8 * losses[:20].mean(), (losses[:3], losses[-3:])
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -69,6 +70,7 @@ def test_jitted_svi_step_does_not_retrace(page, kind):
     state, first = update(state, data)
     params = svi.get_params(state)
     after_first = len(traces)
+    assert after_first > 0
     losses = [float(first)]
     for _ in range(3):
         state, loss = update(state, data)
@@ -91,7 +93,7 @@ def test_rebuilt_flow_reuses_compiled_code(page, kind):
 
     def flow():
         run = handlers.trace(handlers.substitute(handlers.seed(model, 1), params))
-        return run.get_trace(data)["x"]["fn"].flow
+        return run.get_trace(data)["x"]["fn"].base_dist.flow  # under the plate: expanded
 
     traces = []
 
@@ -102,7 +104,9 @@ def test_rebuilt_flow_reuses_compiled_code(page, kind):
 
     first, second = flow(), flow()
     assert first.parts[0].net == second.parts[0].net
-    assert first.parts[0].net != first.parts[2].net  # another module
+    # a linen module is a description, equal by value (both couplings run the same
+    # function on their own params); nnx and Equinox modules are equal by identity
+    assert (first.parts[0].net == first.parts[2].net) == (kind == "linen")
     np.testing.assert_array_equal(log_det(first, data), log_det(second, data))
     assert len(traces) == 1
 
