@@ -230,8 +230,8 @@ def test_a_coupling_kind_is_one_table_entry(monkeypatch):
     assert tracer.trace["g.level0"]["value"]["coupling"]["w3"].shape[-1] == 2  # c_b of 4
     steps = d.flow.parts[1].parts[1].layers
     assert isinstance(steps.parts[2], AdditiveCoupling)
-    x = jax.random.uniform(KEY, (2, *SHAPE), minval=0.05, maxval=0.95)
-    assert np.isfinite(d.log_prob(x)).all()
+    x = jax.ShapeDtypeStruct((2, *SHAPE), jnp.float32)
+    assert jax.eval_shape(d.log_prob, x).shape == (2,)  # it runs (abstractly: no compile)
 
 
 def test_svi_step_decreases_loss():
