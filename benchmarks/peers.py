@@ -362,7 +362,7 @@ def build_numpyro(
         state["params"], state["opt"], loss = step(state["params"], state["opt"], xj)
         return float(loss)
 
-    notes = f"unroll={unroll if unroll is not None else default_unroll(cfg['depth'])}"
+    notes = f"unroll={unroll if unroll is not None else default_unroll()}"
     if precision != "float32":
         notes += f", {precision}"
     if xla_convs:

@@ -14,7 +14,7 @@ from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_uniform
 
 from . import nets
-from .glow import _rotations, default_unroll, glow_step
+from .glow import default_unroll, glow_step, rotation_constants
 from .transforms import ActNorm, Chain, Scan
 
 __all__ = ["AutoGlow"]
@@ -122,7 +122,7 @@ class AutoGlow(AutoContinuous):
         d, k = self.latent_dim, self.num_flows
         c_a, c_b = d // 2, d - d // 2
         hidden = self._hidden_dims or (max(32, 2 * d),) * 2
-        consts = _rotations(self._seed, 0, k, d, True)
+        consts = rotation_constants(self._seed, 0, k, d, True)
 
         def init_steps(key):
             keys = jax.random.split(key, k)

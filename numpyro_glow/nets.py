@@ -5,9 +5,10 @@ Each network is a pair: ``*_init(key, ...) -> params`` and a pure
 last layer starts at zero, so a coupling built on it starts as the identity (up
 to Glow's fixed ``sigmoid(2)`` scale) and a split prior as the standard normal.
 
-Any other pure ``apply(params, x)`` works too: ``jax.example_libraries.stax``
-pairs directly (``numpyro.module(name, (init_fn, apply_fn), input_shape)``
-returns the params), and a Flax module's ``module.apply`` with its variables.
+Any other pure ``apply(params, x)`` works too. Networks written with other
+libraries become such a pair, with their parameters registered with NumPyro,
+through :func:`module` (``jax.example_libraries.stax``), :func:`flax_linen`,
+:func:`flax_nnx` and :func:`equinox`; :doc:`/networks` shows each inside a flow.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ __all__ = [
     "mlp",
     "mlp_init",
     "module",
+    "flax_linen",
+    "flax_nnx",
+    "equinox",
     "zero_conv",
     "zero_conv_init",
 ]
@@ -130,12 +134,12 @@ def conv2d_same(x: Array, w: Array) -> Array:
     ``vmap`` and higher derivatives work as for any JAX function.
 
     The values are XLA's convolution and its gradients up to float32 rounding
-    (summation order). The reason is speed on CPU: XLA:CPU's convolutions run
-    at about half its matrix-product rate, their weight gradients slower
-    still, and 17x slower inside a rolled ``lax.scan``; these products run at
-    the matrix-product rate everywhere (2.6-3.2x faster gradients for Glow's
-    first and last conditioner layers at 16x16, ``benchmarks/README.md``).
-    GPUs keep XLA's (cuDNN's) convolutions (:func:`conv_net_for`).
+    (summation order). The reason is speed on CPU: XLA:CPU runs its
+    convolutions, and more so their weight gradients (most of all inside a
+    rolled ``lax.scan``), well below its matrix-product rate, and these
+    products run at that rate. GPUs keep XLA's (cuDNN's) convolutions
+    (:func:`conv_net_for`). :doc:`/performance` (*Options*) has the
+    measurements and the commands that reproduce them.
     """
     _check_odd(w)
     kh, kw, c_in, c_out = w.shape
@@ -156,9 +160,8 @@ def relu(x: Array) -> Array:
     anyway. Reading the output instead lets XLA keep one array per layer and
     fuse the mask into the backward product. Together with the 1x1 layer as
     a 2-D matrix product (which drops a transposed copy before its weight
-    gradient) this made the CPU train step of ``benchmarks/peers.py`` config
-    (a) 1.10-1.14x faster; neither change alone gained anything
-    (``benchmarks/README.md``).
+    gradient) this made the CPU train step faster, where neither change alone
+    did (:doc:`/performance`).
     """
     return jnp.maximum(x, 0)
 
@@ -226,8 +229,8 @@ def conv_net_for(precision: str = "float32", matmul_convs: bool = False) -> Call
     """The conditioner :func:`~numpyro_glow.glow` uses: :func:`conv_net` or
     :func:`conv_net_bfloat16` (``precision``), with XLA's convolutions, or with
     :func:`conv2d_same`'s matrix products (``matmul_convs``; ``glow`` picks
-    them on CPU, where they train 2.6-3.2x faster per layer, and keeps XLA's,
-    that is cuDNN's, on GPUs). One function object per choice, so it is a
+    them on CPU, where they train faster, and keeps XLA's, that is cuDNN's, on
+    GPUs; :doc:`/performance`). One function object per choice, so it is a
     stable static argument (``functools.cache``)."""
     plain = {"float32": conv_net, "bfloat16": conv_net_bfloat16}
     if precision not in plain:
@@ -305,3 +308,143 @@ def module(name: str, nn: tuple, input_shape: tuple[int, ...]) -> tuple[Callable
     """
     bound = numpyro.module(name, nn, input_shape)
     return bound.func, bound.args[0]
+
+
+class _ModuleNet:
+    """``net(params, x)`` for a network from another library: a pure function of
+    its parameters, held by a coupling as static data. Two are equal when they
+    run the same module (a Flax linen module compares by value, an nnx or
+    Equinox module by identity), so a jitted function taking a flow rebuilt
+    from the same module finds its compiled code."""
+
+    def __init__(
+        self, kind: str, module: Any, apply: Callable[[Any, Array], Array], options: tuple = ()
+    ):
+        self.kind = kind
+        self.module = module
+        self.options = options
+        self._apply = apply
+        self.__name__ = f"{kind}({', '.join([type(module).__name__, *map(str, options)])})"
+
+    def __call__(self, params: Any, x: Array) -> Array:
+        return self._apply(params, x)
+
+    def _same_module(self, other: _ModuleNet) -> bool:
+        if self.kind == "flax_linen":
+            return self.module is other.module or self.module == other.module
+        return self.module is other.module
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _ModuleNet)
+            and (self.kind, self.options) == (other.kind, other.options)
+            and self._same_module(other)
+        )
+
+    def __hash__(self) -> int:
+        try:
+            key = hash(self.module) if self.kind == "flax_linen" else id(self.module)
+        except TypeError:  # a linen module with an unhashable field
+            key = 0
+        return hash((self.kind, self.options, key))
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def _require(package: str, extra: str, where: str) -> None:
+    try:
+        __import__(package)
+    except ImportError as e:
+        raise ImportError(f"{where} needs {package}: pip install 'numpyro-glow[{extra}]'") from e
+
+
+def flax_linen(name: str, module: Any, input_shape: tuple[int, ...]) -> tuple[Callable, Any]:
+    """Register a Flax linen module as a coupling's network inside a model.
+
+    The first time (under ``numpyro.handlers.seed``, as in ``SVI``),
+    ``module.init`` runs on zeros of ``input_shape`` (the conditioning half
+    ``x_a`` with batch axes in front, e.g. ``(1, D_a)`` or ``(1, H, W, C_a)``);
+    its ``"params"`` are registered as ``name + "$params"``, the site
+    :func:`numpyro.contrib.module.flax_module` uses. Returns ``(net, params)``
+    with ``net(params, x) = module.apply({"params": params}, x)``, the form a
+    coupling takes: ``AffineCoupling(*nets.flax_linen("c0", MLP(), (1, 2)),
+    event_dim=1)``. The module must keep no other collection (no batch
+    statistics): a coupling's network is a pure function of its parameters.
+    """
+    _require("flax", "flax", "nets.flax_linen")
+    import flax
+
+    def init(key: Array) -> Any:
+        variables = flax.core.unfreeze(module.init(key, jnp.zeros(input_shape)))
+        others = sorted(set(variables) - {"params"})
+        if others or "params" not in variables:
+            raise ValueError(
+                f"nets.flax_linen: expected a module whose only collection is 'params', "
+                f"got {sorted(variables)}"
+            )
+        return variables["params"]
+
+    params = numpyro.param(name + "$params", init)
+    net = _ModuleNet("flax_linen", module, lambda p, x: module.apply({"params": p}, x))
+    return net, params
+
+
+def flax_nnx(name: str, module: Any) -> tuple[Callable, Any]:
+    """Register an initialised Flax nnx module as a coupling's network inside a model.
+
+    Its ``nnx.Param`` values, as a pure dict (``nnx.to_pure_dict``), are
+    registered as ``name + "$params"`` with their current values as the initial
+    ones, the site :func:`numpyro.contrib.module.nnx_module` uses. Returns
+    ``(net, params)`` with ``net(params, x) = nnx.merge(graphdef, params)(x)``;
+    the module object itself is never changed. Every piece of its state must be
+    an ``nnx.Param`` (no batch statistics, no stored ``Rngs``): a coupling's
+    network is a pure function of its parameters.
+    """
+    _require("flax", "flax", "nets.flax_nnx")
+    from flax import nnx
+
+    graphdef, state, rest = nnx.split(module, nnx.Param, ...)
+    others = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(rest))
+    if others:
+        paths = [jax.tree_util.keystr(path) for path, _ in others]
+        raise ValueError(
+            f"nets.flax_nnx: expected a module whose state is all nnx.Param, got other "
+            f"state at {paths}"
+        )
+    params = numpyro.param(name + "$params", nnx.to_pure_dict(state))
+    net = _ModuleNet("flax_nnx", module, lambda p, x: nnx.merge(graphdef, p, rest)(x))
+    return net, params
+
+
+def equinox(name: str, module: Any, event_ndim: int = 1) -> tuple[Callable, Any]:
+    """Register an initialised Equinox module as a coupling's network inside a model.
+
+    Its floating-point arrays (``eqx.partition(module, eqx.is_inexact_array)``)
+    are registered as ``name + "$params"`` with their current values as the
+    initial ones, the site :func:`numpyro.contrib.module.eqx_module` uses; the
+    rest of the module is static. Equinox modules act on one example, so
+    ``net(params, x)`` vmaps the module over the axes of ``x`` in front of its
+    last ``event_ndim`` (one event: ``1`` for vectors ``(D_a,)``, ``3`` for
+    channels-last images ``(H, W, C_a)``). Returns ``(net, params)``.
+    """
+    _require("equinox", "equinox", "nets.equinox")
+    import equinox as eqx
+
+    if not (isinstance(event_ndim, int) and event_ndim >= 1):
+        raise ValueError(f"nets.equinox: expected an integer event_ndim >= 1, got {event_ndim!r}")
+    init, static = eqx.partition(module, eqx.is_inexact_array)
+    # an Equinox module is callable: wrap it so numpyro.param takes it as a value
+    params = numpyro.param(name + "$params", lambda _: init)
+
+    def apply(p: Any, x: Array) -> Array:
+        if x.ndim < event_ndim:
+            raise ValueError(
+                f"nets.equinox: expected an input with at least event_ndim={event_ndim} "
+                f"axes, got shape {x.shape}"
+            )
+        batch, event = x.shape[: x.ndim - event_ndim], x.shape[x.ndim - event_ndim :]
+        out = jax.vmap(eqx.combine(p, static))(x.reshape((-1, *event)))
+        return out.reshape(batch + out.shape[1:])
+
+    return _ModuleNet("equinox", module, apply, (f"event_ndim={event_ndim}",)), params

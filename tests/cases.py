@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from numpyro_glow import nets
@@ -168,8 +167,3 @@ def build(case: Case) -> GlowTransform:
     if case.name not in _cache:
         _cache[case.name] = case.make()
     return _cache[case.name]
-
-
-def float_leaf_mask(t) -> list[bool]:
-    """Which leaves are floating point (the parameters one differentiates)."""
-    return [jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in jax.tree.leaves(t)]

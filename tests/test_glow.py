@@ -11,7 +11,8 @@ import pytest
 from numpyro import handlers
 
 from numpyro_glow import FlowDistribution, bits_per_dim, glow
-from numpyro_glow.transforms import Logitify, Squeeze
+from numpyro_glow.glow import COUPLINGS, CouplingKind, default_unroll
+from numpyro_glow.transforms import AdditiveCoupling, Logitify, Squeeze
 
 KEY = jax.random.PRNGKey(0)
 SHAPE = (4, 4, 1)
@@ -176,14 +177,61 @@ def test_uniform_model_scores_log2_levels():
     [
         (dict(event_shape=(6, 6, 1), levels=2), "divisible by 4"),
         (dict(event_shape=(4, 4)), "event_shape"),
-        (dict(event_shape=SHAPE, levels=1, coupling="spline"), "coupling"),
+        (dict(event_shape=SHAPE, levels=1, coupling="no_such_kind"), "coupling"),
         (dict(event_shape=SHAPE, levels=1, num_classes=3), "y"),
         (dict(event_shape=SHAPE, levels=1, init_data=jnp.zeros((2, 4, 4, 3))), "init_data"),
+        (dict(event_shape=SHAPE, levels=2, dropout=1.5), "dropout"),
+        (dict(event_shape=SHAPE, levels=2, temperature=0.0), "temperature"),
+        (dict(event_shape=SHAPE, levels=2, precision="float16"), "precision"),
+        (dict(event_shape=SHAPE, levels=2, alpha=1.0), "alpha"),
     ],
 )
 def test_glow_bad_arguments(kwargs, match):
+    """Every argument is checked before the first parameter is registered."""
+    tracer = handlers.trace(
+        handlers.seed(lambda: glow("g", depth=1, hidden_channels=2, **kwargs), 0)
+    )
     with pytest.raises(ValueError, match=match):
-        handlers.seed(lambda: glow("g", depth=1, hidden_channels=2, **kwargs), 0)()
+        tracer.get_trace()
+    assert not [name for name, site in tracer.trace.items() if site["type"] == "param"]
+
+
+def _unrolls(**kwargs):
+    d = handlers.seed(lambda: glow("g", SHAPE, levels=2, depth=2, hidden_channels=2, **kwargs), 0)()
+    level0 = d.flow.parts[1]
+    return [level0.parts[1].unroll, level0.parts[2].inner.parts[1].unroll]
+
+
+def test_reversible_runs_the_rolled_scan_on_every_backend(monkeypatch):
+    assert _unrolls() == [default_unroll()] * 2
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert default_unroll() == 4
+    assert _unrolls() == [4, 4]
+    assert _unrolls(reversible=True) == [1, 1]
+    assert _unrolls(reversible=True, unroll=2) == [2, 2]  # an explicit unroll wins
+
+
+def test_default_unroll_depth_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="depth"):
+        assert default_unroll(8) == default_unroll()
+
+
+def test_a_coupling_kind_is_one_table_entry(monkeypatch):
+    """A new kind in ``COUPLINGS`` is all glow needs: here an additive coupling
+    whose net returns the shift only (width c_b), registered as "shift"."""
+    kind = CouplingKind(
+        width=lambda c_b: c_b,
+        make=lambda net, params, event_dim, scale: AdditiveCoupling(net, params, event_dim),
+    )
+    monkeypatch.setitem(COUPLINGS, "shift", kind)
+    model = _make(dict(levels=1, coupling="shift"))
+    tracer = handlers.trace(handlers.seed(model, 0))
+    d = tracer()
+    assert tracer.trace["g.level0"]["value"]["coupling"]["w3"].shape[-1] == 2  # c_b of 4
+    steps = d.flow.parts[1].parts[1].layers
+    assert isinstance(steps.parts[2], AdditiveCoupling)
+    x = jax.ShapeDtypeStruct((2, *SHAPE), jnp.float32)
+    assert jax.eval_shape(d.log_prob, x).shape == (2,)  # it runs (abstractly: no compile)
 
 
 def test_svi_step_decreases_loss():

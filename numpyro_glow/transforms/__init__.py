@@ -10,7 +10,13 @@ from .base import (
 )
 from .chain import Chain, Scan
 from .coupling import AdditiveCoupling, AffineCoupling
-from .inv1x1conv import Inv1x1Conv, Inv1x1ConvLU, lu_factors, random_rotation
+from .inv1x1conv import (
+    Inv1x1Conv,
+    Inv1x1ConvLU,
+    lu_factors,
+    random_rotation,
+    rotation_constants,
+)
 from .logitify import Logitify
 from .split import Split
 from .squeeze import Squeeze
@@ -32,5 +38,6 @@ __all__ = [
     "inverse_and_log_det",
     "lu_factors",
     "random_rotation",
+    "rotation_constants",
     "split_channels",
 ]

@@ -212,25 +212,25 @@ class Scan(GlowTransform):
     algorithm with the roles of :math:`f_k` and :math:`f_k^{-1}` swapped. Memory
     held between the passes is then :math:`O(1)` in ``K`` (one step's
     activations at a time, plus the parameters), for about one extra inverse
-    and one extra forward evaluation per step; ``benchmarks/memory.py`` measures
-    both.
+    and one extra forward evaluation per step (``benchmarks/memory.py``
+    measures both).
 
     Caveats: (1) The recomputed :math:`x_{k-1}` equals the true activation only
     up to rounding, and the error can grow through the ``K`` inverses, more with
-    badly conditioned steps (large ActNorm scales, small coupling scales). On a
-    16x16x3 Glow (``benchmarks/memory.py``, K=32, float32) the recomputed
-    activations differ from the stored ones by 1.7e-5 (2.9e-6 relative to the
-    largest); most gradients agree with plain autodiff to 1e-6..2e-4 of their
-    largest entry, but the first level's coupling-net weights next to the ReLUs
-    differed by up to 2e-2 (likely ReLU units within rounding of zero whose
-    derivative flips). In float64 the two agree to 1e-13. (2) The memory saving
-    needs the rolled scan (``unroll=1``, the CPU default): fully unrolled, XLA
-    keeps most of the backward's per-step temporaries alive (0.78x of plain's
-    peak at K=32 against 0.15x rolled). (3) A ``custom_vjp`` defines reverse mode only: forward-mode
-    autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) through a reversible
-    Scan raises; use ``reversible=False`` there. (4) Integer leaves (LU
-    permutations, dropout keys) get no cotangent, as in plain autodiff. Without
-    differentiation a reversible Scan computes exactly what a plain one does.
+    badly conditioned steps (large ActNorm scales, small coupling scales). Most
+    gradients then agree with plain autodiff to a small fraction of their
+    largest entry; the largest differences are in coupling-net weights next to
+    ReLU units that sit within rounding of zero, whose derivative flips.
+    (2) The memory saving needs the rolled scan (``unroll=1``): fully
+    unrolled, XLA keeps most of the backward's per-step temporaries alive, so
+    :func:`~numpyro_glow.glow` with ``reversible=True`` rolls the scan on every
+    backend. :doc:`/performance` (*Options*, ``reversible=True``) has the
+    measured drift, memory and time. (3) A ``custom_vjp`` defines reverse mode
+    only: forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``)
+    through a reversible Scan raises; use ``reversible=False`` there. (4)
+    Non-float leaves (the dropout keys) get no cotangent, as in plain autodiff.
+    Without differentiation a reversible Scan computes exactly what a plain one
+    does.
     """
 
     def __init__(self, layers: GlowTransform, unroll: int | bool = 1, reversible: bool = False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from numpyro.util import not_jax_tracer
 
 from .base import GlowTransform, check_event
 
-__all__ = ["Inv1x1Conv", "Inv1x1ConvLU", "lu_factors", "random_rotation"]
+__all__ = ["Inv1x1Conv", "Inv1x1ConvLU", "lu_factors", "random_rotation", "rotation_constants"]
 
 
 def _mix(x: Array, w: Array) -> Array:
@@ -108,8 +109,12 @@ class Inv1x1ConvLU(Inv1x1Conv):
     for these parameters, whatever their values, and its gradient never blows up.
     The inverse uses two triangular solves.
 
-    ``perm`` and ``sign_s`` are constants (integer and float arrays built once
-    with :func:`lu_factors`), not parameters to learn.
+    ``perm`` and ``sign_s`` are constants (built once with :func:`lu_factors`),
+    not parameters to learn. So that every leaf of the transform is a float
+    array, and ``jax.grad`` with the transform object as its argument works,
+    the permutation's indices are held as ``float32`` (exact for any channel
+    count a matrix fits in memory) and read back as integers, ``perm``; their
+    gradient is zero.
     """
 
     def __init__(
@@ -131,7 +136,7 @@ class Inv1x1ConvLU(Inv1x1Conv):
                 f"and perm of shape ({c},), got {lower.shape}, {upper.shape}, "
                 f"{jnp.shape(log_s)}, {jnp.shape(sign_s)}, {jnp.shape(perm)}"
             )
-        self.perm = jnp.asarray(perm, jnp.int32)
+        self.perm_indices = jnp.asarray(perm, jnp.float32)
         self.lower = lower
         self.upper = upper
         self.log_s = jnp.asarray(log_s)
@@ -141,6 +146,11 @@ class Inv1x1ConvLU(Inv1x1Conv):
     @property
     def channels(self) -> int:
         return self.lower.shape[-1]
+
+    @property
+    def perm(self) -> Array:
+        r"""The permutation :math:`P` as integer indices, :math:`P_{i,\mathrm{perm}_i} = 1`."""
+        return self.perm_indices.astype(jnp.int32)
 
     def _factors(self) -> tuple[Array, Array]:
         c = self.channels
@@ -168,8 +178,8 @@ class Inv1x1ConvLU(Inv1x1Conv):
         return self.matrix()
 
     def tree_flatten(self):
-        return (self.perm, self.lower, self.upper, self.log_s, self.sign_s), (
-            ("perm", "lower", "upper", "log_s", "sign_s"),
+        return (self.perm_indices, self.lower, self.upper, self.log_s, self.sign_s), (
+            ("perm_indices", "lower", "upper", "log_s", "sign_s"),
             {"event_dim": self.event_dim},
         )
 
@@ -217,13 +227,50 @@ def _check_nonsingular(w: np.ndarray) -> None:
         )
 
 
+def _haar(q, r, xp):
+    """The ``Q`` of a QR decomposition of a Gaussian matrix, made Haar-distributed
+    (columns' signs fixed by ``R``'s diagonal) and a rotation (determinant +1, by
+    flipping the first column if needed); ``xp`` is ``numpy`` or ``jax.numpy``."""
+    q = q * xp.sign(xp.diag(r))
+    first = xp.arange(q.shape[-1]) == 0
+    return q * xp.where(first, xp.sign(xp.linalg.det(q)), 1.0)
+
+
 def random_rotation(key: Array, channels: int, dtype=jnp.float32) -> Array:
-    """A random orthogonal ``(C, C)`` matrix with determinant +1 (Glow's
-    initialisation of the 1x1 convolution): the Q of a QR decomposition of a
-    Gaussian matrix, its columns' signs fixed by R's diagonal."""
+    """A random ``(C, C)`` rotation (orthogonal, determinant +1) from a JAX key:
+    Glow's initialisation of a 1x1 convolution's weight. Traceable, so it can be
+    a parameter's init function inside a model. For the NumPy constants the
+    builders use (LU factors included) see :func:`rotation_constants`."""
     import jax
 
-    q, r = jnp.linalg.qr(jax.random.normal(key, (channels, channels), dtype))
-    q = q * jnp.sign(jnp.diag(r))
-    det_sign = jnp.sign(jnp.linalg.det(q))
-    return q.at[:, 0].multiply(det_sign)
+    return _haar(*jnp.linalg.qr(jax.random.normal(key, (channels, channels), dtype)), jnp)
+
+
+@functools.lru_cache(maxsize=64)
+def rotation_constants(
+    seed: int, stream: int, depth: int, channels: int, lu: bool = True
+) -> dict[str, np.ndarray]:
+    """``depth`` random ``(C, C)`` rotations, the initial weights of a stack of 1x1
+    convolutions, as read-only NumPy arrays stacked on a leading axis: for
+    ``lu=False`` ``{"weight"}``, for ``lu=True`` their :func:`lu_factors`
+    ``{"perm", "lower", "upper", "log_s", "sign_s"}``.
+
+    They depend only on ``(seed, stream, depth, channels)`` (NumPy's
+    ``default_rng((seed, stream))``) and are built once per process (cached), never
+    traced, so a model that rebuilds them at every step gets the same fixed
+    permutations and signs. :func:`~numpyro_glow.glow` uses ``stream`` = the level;
+    :class:`~numpyro_glow.AutoGlow` stream 0.
+    """
+    rng = np.random.default_rng((seed, stream))
+    ws = [
+        _haar(*np.linalg.qr(rng.standard_normal((channels, channels))), np).astype(np.float32)
+        for _ in range(depth)
+    ]
+    if lu:
+        names = ("perm", "lower", "upper", "log_s", "sign_s")
+        out = dict(zip(names, map(np.stack, zip(*map(lu_factors, ws), strict=True)), strict=True))
+    else:
+        out = {"weight": np.stack(ws)}
+    for a in out.values():
+        a.flags.writeable = False
+    return out
