@@ -12,6 +12,7 @@ from .chain import Chain, Scan
 from .coupling import AdditiveCoupling, AffineCoupling
 from .inv1x1conv import Inv1x1Conv, Inv1x1ConvLU, lu_factors, random_rotation
 from .logitify import Logitify
+from .spline import SplineCoupling
 from .split import Split
 from .squeeze import Squeeze
 
@@ -26,6 +27,7 @@ __all__ = [
     "Inverse",
     "Logitify",
     "Scan",
+    "SplineCoupling",
     "Split",
     "Squeeze",
     "forward_and_log_det",
