@@ -18,7 +18,12 @@ from cases import mlp_params
 
 from numpyro_glow import nets
 from numpyro_glow.transforms import Chain, Scan, SplineCoupling
-from numpyro_glow.transforms.spline import MIN_BIN_SIZE, MIN_DERIVATIVE, _spline_bins
+from numpyro_glow.transforms.spline import (
+    MIN_BIN_SIZE,
+    MIN_DERIVATIVE,
+    _derivative,
+    _spline_bins,
+)
 
 K = 6
 B = 2.0
@@ -140,10 +145,17 @@ def test_identity_at_zero_net_output():
             np.testing.assert_array_equal(ld, 0.0)
 
 
+@jax.jit
+def _bins(h):
+    """The layer's own x-knots, y-knots and knot derivatives, ``(N, K + 1)`` each,
+    of the splines with raw parameters ``h`` ``(N, 3K - 1)`` (``C_b = 1``)."""
+    knots, raw_d = _spline_bins(h.T, K, B)
+    return knots[0].T, knots[1].T, _derivative(raw_d).T
+
+
 def _layer_bins(h):
     """The layer's own float32 knots and knot derivatives, as float64."""
-    knots, d = jax.jit(_spline_bins, static_argnums=(1, 2))(h, K, B)
-    return tuple(np.asarray(a, np.float64) for a in (knots[:, 0], knots[:, 1], d))
+    return tuple(np.asarray(a, np.float64) for a in _bins(h))
 
 
 def test_parameterisation_matches_float64(random_splines):
@@ -196,13 +208,12 @@ def _special_points(h):
     """Every knot (float32, as the layer computes it) of the first spline on its
     input side (x for the forward, y for the inverse), the interval's ends, one
     float32 step inside and outside them, and far out, padded to N rows."""
-    knots, d = jax.jit(_spline_bins, static_argnums=(1, 2))(h[:1], K, B)
+    xk, yk, d = (np.asarray(a[0]) for a in _bins(h))
     below = np.nextafter(np.float32(B), np.float32(0))
     above = np.nextafter(np.float32(B), np.float32(10))
     extra = np.array([below, above, -below, -above, 1e6, -1e6, 3e38, -3e38], np.float32)
     pad = np.linspace(-0.9 * B, 0.9 * B, N - K - 1 - extra.size, dtype=np.float32)
-    points = [np.concatenate([np.asarray(knots[0, i]), extra, pad]) for i in (0, 1)]
-    return points, np.asarray(d[0])
+    return [np.concatenate([knots, extra, pad]) for knots in (xk, yk)], d
 
 
 def test_gradients_at_knots_edges_and_tails(random_splines):
@@ -232,7 +243,7 @@ def test_gradients_at_knots_edges_and_tails(random_splines):
 
 def test_bad_arguments_raise():
     t = SplineCoupling(_table, jnp.zeros((2, 3 * 22)), event_dim=1, num_bins=8)
-    with pytest.raises(ValueError, match=r"expected the net to return 69 channels \(C_b \* "):
+    with pytest.raises(ValueError, match=r"expected the net to return 69 channels \(\(3 \* num_bins - 1\) \* C_b"):
         t(jnp.zeros((2, 5)))  # C_b = 3
     for num_bins in [1, 0, 2.5, True, "8", 1000]:
         with pytest.raises(ValueError, match="num_bins"):

@@ -34,23 +34,38 @@ def _unit(t: Array) -> Array:
     return jnp.where(t < 0, 0.0, jnp.where(t > 1, 1.0, t))
 
 
-def _spline_bins(h: Array, num_bins: int, bound: float) -> tuple[Array, Array]:
-    """Knots and knot derivatives from the raw parameters ``h`` ``(..., 3K - 1)``.
+def _derivative(raw: Array) -> Array:
+    """Knot derivative from its raw parameter: ``m_d + (1 - m_d) (elu(raw) + 1)``,
+    exactly one at ``raw = 0``."""
+    return MIN_DERIVATIVE + (1.0 - MIN_DERIVATIVE) * _positive(raw)
 
-    Returns ``knots`` ``(..., 2, K + 1)`` (row 0 the x-knots, row 1 the y-knots,
-    from ``-bound`` to ``bound``) and ``derivatives`` ``(..., K + 1)`` (one at both
-    ends). Widths and heights go through one softmax on one array, so a zero
-    ``h`` gives bitwise equal x- and y-knots.
+
+def _spline_bins(raw: Array, num_bins: int, bound: float) -> tuple[Array, Array]:
+    """Knots and raw knot derivatives of ``M`` splines from their raw parameters
+    ``raw`` ``(3K - 1, M)``.
+
+    Returns ``knots`` ``(2, K + 1, M)``, the x-knots and the y-knots from
+    ``-bound`` to ``bound`` (bin ``k`` is ``2 bound (m + (1 - K m) softmax(r)_k)``
+    wide), and ``raw_d`` ``(K + 1, M)``, the raw knot derivatives with 0 at both
+    ends (derivative one there, :func:`_derivative`). Widths and heights go
+    through the same operations on one array, so equal raw widths and heights
+    give bitwise equal x- and y-knots. Bins are on a major axis and the ``M``
+    splines on the minor one, which XLA vectorises (a minor axis of size ``K``
+    ran several times slower on CPU).
     """
     k = num_bins
-    raw = h[..., : 2 * k].reshape(h.shape[:-1] + (2, k))
-    frac = MIN_BIN_SIZE + (1.0 - k * MIN_BIN_SIZE) * jax.nn.softmax(raw, axis=-1)
-    inner = 2.0 * bound * jnp.cumsum(frac[..., :-1], axis=-1) - bound
-    ends = jnp.ones(inner.shape[:-1] + (1,), inner.dtype) * bound
-    knots = jnp.concatenate([-ends, inner, ends], axis=-1)
-    interior = MIN_DERIVATIVE + (1.0 - MIN_DERIVATIVE) * _positive(h[..., 2 * k :])
-    one = jnp.ones(interior.shape[:-1] + (1,), interior.dtype)
-    return knots, jnp.concatenate([one, interior, one], axis=-1)
+    sizes = raw[: 2 * k].reshape(2, k, -1)
+    e = jnp.exp(sizes - jax.lax.stop_gradient(sizes.max(axis=1, keepdims=True)))
+    scale = (2.0 * bound * (1.0 - k * MIN_BIN_SIZE)) / e.sum(axis=1, keepdims=True)
+    sizes = 2.0 * bound * MIN_BIN_SIZE + e * scale
+    # The running sum as K - 1 additions (XLA:CPU's reduce_window, which
+    # jnp.cumsum lowers to, was slower, and slower still to differentiate).
+    knots = [jnp.full_like(sizes[:, 0], -bound)]
+    for j in range(k - 1):
+        knots.append(knots[-1] + sizes[:, j])
+    knots = jnp.stack([*knots, jnp.full_like(knots[0], bound)], axis=1)
+    zero = jnp.zeros_like(raw[:1])
+    return knots, jnp.concatenate([zero, raw[2 * k :], zero], axis=0)
 
 
 def _log_slope(xi: Array, one_m: Array, log_s: Array, a0: Array, a1: Array) -> Array:
@@ -112,30 +127,24 @@ def _bin_map_jvp(primals, tangents):
 
 
 def _rq_spline(
-    v: Array, knots: Array, derivatives: Array, bound: float, inverse: bool
+    v: Array, knots: Array, raw_d: Array, bound: float, inverse: bool
 ) -> tuple[Array, Array]:
-    """The spline (or its inverse) elementwise on ``v``, with the elementwise
-    log-derivative; identity with log-derivative zero outside ``[-bound, bound]``."""
-    num_bins = derivatives.shape[-1] - 1
+    """The splines (or their inverses) on ``v`` ``(M,)``, one each, with the
+    elementwise log-derivative; identity with log-derivative zero outside
+    ``[-bound, bound]``. ``knots`` and ``raw_d`` as :func:`_spline_bins` returns."""
+    num_bins = raw_d.shape[0] - 1
     inside = (v >= -bound) & (v <= bound)
     # Double where: the spline runs on 0 (inside) wherever v is in a tail, so the
     # branch the output discards never produces an inf or NaN gradient.
     v_in = jnp.where(inside, v, 0.0)
     # Bin search on the knots of v's side: the number of interior knots <= v.
-    side = int(inverse)
-    idx = jnp.sum(v_in[..., None] >= knots[..., side, 1:-1], axis=-1)
-    onehot = idx[..., None] == jnp.arange(num_bins)
-    table = jnp.concatenate(
-        [
-            knots[..., :-1],  # x_k, y_k
-            knots[..., 1:],  # x_{k+1}, y_{k+1}
-            derivatives[..., None, :-1],  # d_k
-            derivatives[..., None, 1:],  # d_{k+1}
-        ],
-        axis=-2,
-    )
-    picked = jnp.sum(jnp.where(onehot[..., None, :], table, 0.0), axis=-1)
-    x_k, y_k, x_k1, y_k1, d0, d1 = (picked[..., i] for i in range(6))
+    idx = jnp.sum(v_in >= knots[int(inverse), 1:-1], axis=0)
+    onehot = idx == jnp.arange(num_bins)[:, None]  # (K, M)
+    table = jnp.stack([knots[0, :-1], knots[0, 1:], knots[1, :-1], knots[1, 1:]])
+    table = jnp.concatenate([table, jnp.stack([raw_d[:-1], raw_d[1:]])])  # (6, K, M)
+    picked = jnp.sum(jnp.where(onehot, table, 0.0), axis=1)
+    x_k, x_k1, y_k, y_k1 = picked[0], picked[1], picked[2], picked[3]
+    d0, d1 = _derivative(picked[4]), _derivative(picked[5])
     w, h = x_k1 - x_k, y_k1 - y_k
     log_s = jnp.log(h) - jnp.log(w)
     s = h / w
@@ -160,12 +169,16 @@ def _spline(
     x_b: Array, h: Array, num_bins: int, bound: float, inverse: bool
 ) -> tuple[Array, Array]:
     """``(y_b, log_det)`` elementwise from ``x_b`` ``(..., C_b)`` and the raw
-    parameters ``h`` ``(..., C_b (3K - 1))``. Jitted as one unit, so that eager
+    parameters ``h`` ``(..., (3K - 1) C_b)``. Jitted as one unit, so that eager
     calls (and eager autodiff) dispatch one compiled program instead of each of
     its many small operations; under an outer ``jit`` it is inlined."""
-    h = h.reshape(h.shape[:-1] + (x_b.shape[-1], 3 * num_bins - 1))
-    knots, derivatives = _spline_bins(h, num_bins, bound)
-    return _rq_spline(x_b, knots, derivatives, bound, inverse)
+    # Flat, parameter-major layout: every per-bin array is contiguous over all
+    # the elements, which XLA vectorises (a short minor axis C_b would not be).
+    k3, c_b = 3 * num_bins - 1, x_b.shape[-1]
+    raw = jnp.moveaxis(h.reshape(h.shape[:-1] + (k3, c_b)), -2, 0).reshape(k3, -1)
+    knots, raw_d = _spline_bins(raw, num_bins, bound)
+    y, log_det = _rq_spline(x_b.reshape(-1), knots, raw_d, bound, inverse)
+    return y.reshape(x_b.shape), log_det.reshape(x_b.shape)
 
 
 class SplineCoupling(_Coupling):
@@ -179,10 +192,12 @@ class SplineCoupling(_Coupling):
     outside it.
 
     **Parameters of the splines.** :math:`h = \mathrm{net}(\mathrm{params}, x_a)`
-    has :math:`C_b (3K - 1)` channels, read as :math:`(C_b, 3K - 1)`: for channel
-    :math:`j` of :math:`x_b`, the block :math:`h_{[j(3K-1):(j+1)(3K-1)]}` holds
-    :math:`K` raw widths :math:`r^w`, then :math:`K` raw heights :math:`r^h`, then
-    :math:`K - 1` raw interior derivatives :math:`r^d`. With
+    has :math:`(3K - 1) C_b` channels, parameter-major like
+    :class:`AffineCoupling`'s: read as :math:`(3K - 1, C_b)`, block :math:`p`
+    (channels :math:`p C_b` to :math:`(p + 1) C_b - 1`) holds raw parameter
+    :math:`p` of every channel of :math:`x_b`: :math:`p = 0..K-1` the raw widths
+    :math:`r^w`, :math:`p = K..2K-1` the raw heights :math:`r^h`,
+    :math:`p = 2K..3K-2` the raw interior derivatives :math:`r^d`. With
     :math:`m = 10^{-3}` and :math:`m_d = 2^{-10}`,
 
     .. math::
@@ -275,7 +290,7 @@ class SplineCoupling(_Coupling):
 
     @property
     def _h_layout(self) -> str:  # type: ignore[override]
-        return f"C_b * (3 * num_bins - 1), num_bins={self.num_bins}"
+        return f"(3 * num_bins - 1) * C_b, num_bins={self.num_bins}"
 
     def _h_channels(self, c_b: int) -> int:
         return c_b * (3 * self.num_bins - 1)
