@@ -243,7 +243,8 @@ def test_gradients_at_knots_edges_and_tails(random_splines):
 
 def test_bad_arguments_raise():
     t = SplineCoupling(_table, jnp.zeros((2, 3 * 22)), event_dim=1, num_bins=8)
-    with pytest.raises(ValueError, match=r"expected the net to return 69 channels \(\(3 \* num_bins - 1\) \* C_b"):
+    expected = r"expected the net to return 69 channels \(\(3 \* num_bins - 1\) \* C_b"
+    with pytest.raises(ValueError, match=expected):
         t(jnp.zeros((2, 5)))  # C_b = 3
     for num_bins in [1, 0, 2.5, True, "8", 1000]:
         with pytest.raises(ValueError, match="num_bins"):
