@@ -195,9 +195,11 @@ def test_monotone_and_continuous(random_splines):
     tails = np.abs(grid) > B
     np.testing.assert_array_equal(y[:, tails], np.stack([grid[tails]] * 2))
     np.testing.assert_array_equal(ld.reshape(2, -1)[:, tails], 0.0)
+    # (one spline for every row: h without batch axes broadcasts)
     ends = _rows(jnp.resize(jnp.array([-B, B]), N))
-    (y_ends, _), _ = _both(h, ends)
+    (y_ends, _), _ = _both(h[0], ends)
     np.testing.assert_allclose(y_ends[:, 1], ends[:, 1], atol=1e-6)
+    np.testing.assert_array_equal(_both(h[0], x)[0][0][: N // 2, 1], y[0])
 
 
 def _special_points(h):

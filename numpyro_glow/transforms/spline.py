@@ -197,7 +197,8 @@ class SplineCoupling(_Coupling):
     (channels :math:`p C_b` to :math:`(p + 1) C_b - 1`) holds raw parameter
     :math:`p` of every channel of :math:`x_b`: :math:`p = 0..K-1` the raw widths
     :math:`r^w`, :math:`p = K..2K-1` the raw heights :math:`r^h`,
-    :math:`p = 2K..3K-2` the raw interior derivatives :math:`r^d`. With
+    :math:`p = 2K..3K-2` the raw interior derivatives :math:`r^d` (leading
+    axes of :math:`h` broadcast against :math:`x_b`'s). With
     :math:`m = 10^{-3}` and :math:`m_d = 2^{-10}`,
 
     .. math::
@@ -310,6 +311,8 @@ class SplineCoupling(_Coupling):
         return c_b * (3 * self.num_bins - 1)
 
     def _transform_b(self, x_b: Array, h: Array, inverse: bool) -> tuple[Array, Array]:
+        # a net may return fewer batch axes than x_b has (the same spline for all)
+        h = jnp.broadcast_to(h, x_b.shape[:-1] + h.shape[-1:])
         return _spline(x_b, h, self.num_bins, self.bound, inverse)
 
     def _aux(self) -> dict:
