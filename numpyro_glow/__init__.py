@@ -14,6 +14,7 @@ from .transforms import (
     Inv1x1ConvLU,
     Logitify,
     Scan,
+    SplineCoupling,
     Split,
     Squeeze,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "Inv1x1ConvLU",
     "Logitify",
     "Scan",
+    "SplineCoupling",
     "Split",
     "Squeeze",
     "data",

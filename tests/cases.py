@@ -22,6 +22,7 @@ from numpyro_glow.transforms import (
     Inv1x1Conv,
     Logitify,
     Scan,
+    SplineCoupling,
     Split,
     Squeeze,
     random_rotation,
@@ -118,6 +119,21 @@ def _additive(seed, event_dim):
     return AdditiveCoupling(nets.mlp, mlp_params(seed, 2, 3), 1)
 
 
+#: The spline cases' interval: standard normal inputs fall on both sides of it.
+SPLINE_BOUND = 1.5
+
+
+def _spline(seed, event_dim, num_bins=8):
+    """Spline coupling with random net weights: raw spline parameters of standard
+    deviation 0.3-0.5, slopes between about 0.1 and 4."""
+    k = 3 * num_bins - 1
+    if event_dim == 3:  # (4, 4, 2): C_a = C_b = 1
+        params = conv_params(seed, 1, k)
+        return SplineCoupling(nets.conv_net, params, 3, num_bins, SPLINE_BOUND)
+    params = mlp_params(seed, 2, 3 * k)  # (5,): C_a = 2, C_b = 3
+    return SplineCoupling(nets.mlp, params, 1, num_bins, SPLINE_BOUND)
+
+
 CASES = [
     Case("logitify", lambda: Logitify(0.05), (3, 2), unit_interval=True),
     Case("logitify_tiny_alpha", lambda: Logitify(1e-6), (3, 2), unit_interval=True),
@@ -135,6 +151,8 @@ CASES = [
     Case("affine_tanh_vector", lambda: _affine(16, "tanh", 1), VECTOR),
     Case("additive_image", lambda: _additive(12, 3), IMAGE),
     Case("additive_vector", lambda: _additive(13, 1), VECTOR),
+    Case("spline_image", lambda: _spline(17, 3), IMAGE),
+    Case("spline_vector", lambda: _spline(18, 1, num_bins=5), VECTOR),
     Case("squeeze", lambda: Squeeze(), IMAGE),
     Case("unsqueeze", lambda: Squeeze().inv, (2, 2, 8)),
     Case("split_multiscale", split_level, (4, 4, 4)),

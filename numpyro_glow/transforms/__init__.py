@@ -18,6 +18,7 @@ from .inv1x1conv import (
     rotation_constants,
 )
 from .logitify import Logitify
+from .spline import SplineCoupling
 from .split import Split
 from .squeeze import Squeeze
 
@@ -32,6 +33,7 @@ __all__ = [
     "Inverse",
     "Logitify",
     "Scan",
+    "SplineCoupling",
     "Split",
     "Squeeze",
     "forward_and_log_det",

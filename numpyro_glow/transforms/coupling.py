@@ -1,4 +1,4 @@
-"""Affine and additive coupling layers."""
+"""The coupling layers' shared split/merge code, and the affine and additive couplings."""
 
 from __future__ import annotations
 
@@ -30,8 +30,17 @@ _SCALES = {
 
 
 class _Coupling(GlowTransform):
-    """Shared split/merge code of the two couplings; the subclasses say how
-    ``h = net(params, x_a)`` becomes a shift and a log-scale."""
+    r"""Shared split/merge code of the couplings.
+
+    The channels split into :math:`x_a` (the first :math:`\lfloor C/2 \rfloor`)
+    and :math:`x_b`; :math:`y_a = x_a` and :math:`h = \mathrm{net}(\mathrm{params},
+    x_a)`, checked to have :meth:`_h_channels` channels. A subclass says only how
+    :math:`x_b` is transformed given :math:`h`, in :meth:`_transform_b`; both
+    directions run through :meth:`_couple`, so they share every other line.
+    """
+
+    #: How the channel count of ``h`` depends on ``C_b`` (for error messages).
+    _h_layout: str = ""
 
     def __init__(self, net: Net, params: Any, event_dim: int = 3):
         if not callable(net):
@@ -42,7 +51,14 @@ class _Coupling(GlowTransform):
         self.params = params
         self.event_dim = event_dim
 
-    def _shift_log_scale(self, h: Array, c_b: int) -> tuple[Array, Array | None]:
+    def _h_channels(self, c_b: int) -> int:
+        """The number of channels ``net`` must return for ``c_b`` transformed channels."""
+        raise NotImplementedError
+
+    def _transform_b(self, x_b: Array, h: Array, inverse: bool) -> tuple[Array, Array | None]:
+        """``(y_b, log_det)``: ``x_b`` transformed given ``h`` (backwards if
+        ``inverse``), and the elementwise log-derivative, of ``x_b``'s shape, that
+        :meth:`_couple` sums over the event (``None``: volume preserving)."""
         raise NotImplementedError
 
     def _couple(self, x: Array, inverse: bool) -> tuple[Array, Array]:
@@ -52,24 +68,20 @@ class _Coupling(GlowTransform):
         if x.shape[-1] < 2:
             raise ValueError(f"{name}: expected at least 2 channels to split, got shape {x.shape}")
         x_a, x_b = split_channels(x)
-        shift, log_scale = self._shift_log_scale(self.net(self.params, x_a), x_b.shape[-1])
-        if log_scale is None:  # additive: volume preserving
-            y_b = x_b - shift if inverse else x_b + shift
-            log_det = self._batch_zeros(x)
-        elif inverse:
-            y_b = x_b * jnp.exp(-log_scale) - shift
-            log_det = -sum_rightmost(log_scale, self.event_dim)
-        else:
-            y_b = (x_b + shift) * jnp.exp(log_scale)
-            log_det = sum_rightmost(log_scale, self.event_dim)
-        return jnp.concatenate([x_a, y_b], axis=-1), log_det
-
-    def _check_h(self, h: Array, expected: int) -> None:
+        c_b = x_b.shape[-1]
+        h = self.net(self.params, x_a)
+        expected = self._h_channels(c_b)
         if h.shape[-1] != expected:
             raise ValueError(
-                f"{type(self).__name__}: expected the net to return {expected} channels, "
-                f"got shape {h.shape}"
+                f"{name}: expected the net to return {expected} channels "
+                f"({self._h_layout} with C_b={c_b}), got shape {h.shape}"
             )
+        y_b, log_det = self._transform_b(x_b, h, inverse)
+        if log_det is None:
+            log_det = self._batch_zeros(x)
+        else:
+            log_det = sum_rightmost(log_det, self.event_dim)
+        return jnp.concatenate([x_a, y_b], axis=-1), log_det
 
     def forward_and_log_det(self, x: Array) -> tuple[Array, Array]:
         return self._couple(x, inverse=False)
@@ -119,9 +131,17 @@ class AffineCoupling(_Coupling):
         super().__init__(net, params, event_dim)
         self.scale = scale
 
-    def _shift_log_scale(self, h: Array, c_b: int) -> tuple[Array, Array]:
-        self._check_h(h, 2 * c_b)
-        return h[..., :c_b], _SCALES[self.scale](h[..., c_b:])
+    _h_layout = "2 * C_b"
+
+    def _h_channels(self, c_b: int) -> int:
+        return 2 * c_b
+
+    def _transform_b(self, x_b: Array, h: Array, inverse: bool) -> tuple[Array, Array]:
+        c_b = x_b.shape[-1]
+        shift, log_scale = h[..., :c_b], _SCALES[self.scale](h[..., c_b:])
+        if inverse:
+            return x_b * jnp.exp(-log_scale) - shift, -log_scale
+        return (x_b + shift) * jnp.exp(log_scale), log_scale
 
     def _aux(self) -> dict:
         return {**super()._aux(), "scale": self.scale}
@@ -138,6 +158,10 @@ class AdditiveCoupling(_Coupling):
         y_a = x_a, \quad y_b = x_b + t; \qquad x_b = y_b - t; \qquad \log|\det J| = 0 .
     """
 
-    def _shift_log_scale(self, h: Array, c_b: int) -> tuple[Array, None]:
-        self._check_h(h, c_b)
-        return h, None
+    _h_layout = "C_b"
+
+    def _h_channels(self, c_b: int) -> int:
+        return c_b
+
+    def _transform_b(self, x_b: Array, h: Array, inverse: bool) -> tuple[Array, None]:
+        return (x_b - h if inverse else x_b + h), None
