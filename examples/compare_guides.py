@@ -1,40 +1,65 @@
-"""AutoGlow against NumPyro's flow guides on three posteriors.
+"""AutoGlow against NumPyro's guides and flowjax's flows on six posteriors.
 
-Posteriors (``--problems``):
+Posteriors (``--problems``; latent dimension and log evidence ``log Z``):
 
-- ``funnel``: Neal's funnel in ``--dim`` dimensions,
-  ``v ~ N(0, 3)``, ``x_i ~ N(0, exp(v / 2))``; the log evidence is 0.
-- ``banana``: a twisted Gaussian (Haario et al. 2001),
-  ``a ~ N(0, 10)``, ``b ~ N(-0.05 (a^2 - 100), 1)``; the log evidence is 0.
-- ``regression``: Bayesian linear regression with a shrinkage prior on
-  scikit-learn's diabetes data (442 patients, 10 standardised features),
-  ``sigma, tau ~ HalfNormal(1)``, ``beta_j ~ N(0, tau)``, ``y ~ N(c + X beta, sigma)``;
-  13 latent dimensions, two of them positive.
+- ``funnel``: Neal's funnel, ``v ~ N(0, 3)``, ``x_i ~ N(0, exp(v / 2))``,
+  10 dimensions, log Z = 0.
+- ``banana``: ``a ~ N(0, 10)``, ``b ~ N(-0.05 (a^2 - 100), 1)``; 2, log Z = 0.
+- ``two_modes``: an equal mixture of ``N((-1.5, -1.5), I)`` and
+  ``N((1.5, 1.5), I)``; 2, log Z = 0 (a single Gaussian reaches ``-log 2``).
+- ``eight_schools``: the centered eight schools model, ``mu ~ N(0, 5)``,
+  ``tau ~ HalfCauchy(5)``, ``theta_j ~ N(mu, tau)``, ``y_j ~ N(theta_j, sigma_j)``;
+  10, log Z by quadrature.
+- ``logistic``: logistic regression on the first 10 (standardised) features of
+  scikit-learn's breast-cancer data (569 patients), intercept ``~ N(0, 5)``,
+  weights ``~ N(0, 1)``; 11, log Z by importance sampling from a Laplace
+  approximation (Student-t proposal, 200000 draws).
+- ``hierarchical50``: the centered hierarchy of ``eight_schools`` with 50 groups
+  (data drawn once from ``mu = 5``, ``tau = 3``, ``sigma_j ~ U(5, 15)``, NumPy seed 1);
+  52, log Z by quadrature.
 
-Every guide is fitted by SVI (``Trace_ELBO``, one particle) with the same
-optimiser for the same number of steps; the table gives the ELBO estimated with
-``--eval-particles`` particles (higher is better) and the wall time of the fit.
-With ``--seconds S`` every guide also gets S seconds of SVI after its first
-(compiling) step, the equal-wall-time comparison.
+Two protocols, each over ``--seeds`` (the tables give medians):
 
-Run: ``python examples/compare_guides.py`` (a few minutes on 2 CPU cores).
+- ``default`` (``--protocols default``): every guide with its defaults and
+  NumPyro's default one-sample ``Trace_ELBO()``, Adam with the learning rate
+  decaying exponentially from 3e-3 to 3e-4 over ``--steps`` steps.
+- ``recipe``: flowjax's flows (``masked_autoregressive_flow`` and
+  ``coupling_flow`` with their defaults, 16 samples per step, plain and
+  sticking-the-landing ELBO, ``--flowjax-steps`` steps, the same schedule)
+  against AutoGlow's recommended recipe (``RECIPE``: 16 vectorised particles,
+  its default sticking-the-landing gradient, the same schedule) given the same
+  wall time: AutoGlow's number of steps is the flowjax flow's training time
+  divided by AutoGlow's measured time per step. Compilation is timed apart
+  and not counted on either side. Needs ``pip install flowjax``.
+
+Every ELBO is estimated afterwards from ``--eval-particles`` draws of the
+fitted guide (higher is better; at most log Z).
+
+Run: ``python examples/compare_guides.py --out benchmarks/results/guides.json``
+(a few hours on 2 CPU cores; ``--problems``, ``--seeds`` and ``--protocols``
+select a part).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoBNAFNormal, AutoIAFNormal, AutoMultivariateNormal
 
 from numpyro_glow import AutoGlow
+
+# --- posteriors ---------------------------------------------------------------
 
 
 def funnel(dim: int = 10) -> None:
@@ -47,112 +72,318 @@ def banana(curvature: float = 0.05) -> None:
     numpyro.sample("b", dist.Normal(-curvature * (a**2 - 100.0), 1.0))
 
 
-def diabetes() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_diabetes
-
-    x, y = load_diabetes(return_X_y=True)
-    x = (x - x.mean(0)) / x.std(0)
-    y = (y - y.mean()) / y.std()
-    return x.astype(np.float32), y.astype(np.float32)
+MODES = np.array([[-1.5, -1.5], [1.5, 1.5]], np.float32)
 
 
-def regression(x: np.ndarray, y: np.ndarray) -> None:
-    sigma = numpyro.sample("sigma", dist.HalfNormal(1.0))
-    tau = numpyro.sample("tau", dist.HalfNormal(1.0))
-    c = numpyro.sample("c", dist.Normal(0.0, 1.0))
-    beta = numpyro.sample("beta", dist.Normal(jnp.zeros(x.shape[1]), tau).to_event(1))
-    with numpyro.plate("data", x.shape[0]):
-        numpyro.sample("y", dist.Normal(c + x @ beta, sigma), obs=y)
+def two_modes() -> None:
+    # an improper flat "prior" and the mixture as a factor: the posterior is the
+    # normalised mixture, log Z = 0
+    x = numpyro.sample("x", dist.ImproperUniform(dist.constraints.real_vector, (), (2,)))
+    components = dist.Normal(jnp.asarray(MODES), 1.0).to_event(1)
+    numpyro.factor("mixture", jax.nn.logsumexp(components.log_prob(x)) - math.log(2.0))
 
 
-def make_problem(name: str, dim: int):
-    """The model (no arguments) of a posterior."""
-    if name == "funnel":
-        return lambda: funnel(dim)
-    if name == "banana":
-        return banana
-    if name == "regression":
-        x, y = diabetes()
-        return lambda: regression(x, y)
-    raise ValueError(f"expected a problem in {PROBLEMS}, got {name!r}")
+EIGHT_Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0], np.float32)
+EIGHT_SIGMA = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0], np.float32)
 
 
-PROBLEMS = ("funnel", "banana", "regression")
+def centered_hierarchy(y: np.ndarray, sigma: np.ndarray) -> None:
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("groups", len(y)):
+        theta = numpyro.sample("theta", dist.Normal(mu, tau))
+        numpyro.sample("y", dist.Normal(theta, sigma), obs=y)
 
+
+def hierarchy50_data(groups: int = 50, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    sigma = rng.uniform(5.0, 15.0, groups)
+    theta = 5.0 + 3.0 * rng.standard_normal(groups)
+    y = theta + sigma * rng.standard_normal(groups)
+    return y.astype(np.float32), sigma.astype(np.float32)
+
+
+def breast_cancer(features: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = x[:, :features]
+    return ((x - x.mean(0)) / x.std(0)).astype(np.float32), y.astype(np.float32)
+
+
+def logistic(x: np.ndarray, y: np.ndarray) -> None:
+    c = numpyro.sample("c", dist.Normal(0.0, 5.0))
+    w = numpyro.sample("w", dist.Normal(jnp.zeros(x.shape[1]), 1.0).to_event(1))
+    numpyro.sample("y", dist.Bernoulli(logits=c + x @ w).to_event(1), obs=y)
+
+
+@dataclass(frozen=True)
+class Problem:
+    model: object
+    log_z: object  # a number, or a function computing it
+
+
+def _hierarchy_log_z(y: np.ndarray, sigma: np.ndarray) -> float:
+    """log Z of the centered hierarchy: theta integrated out analytically
+    (``y_j ~ N(mu, sqrt(tau^2 + sigma_j^2))``), then (mu, tau) by quadrature."""
+    from scipy import integrate, stats
+
+    y, sigma = y.astype(np.float64), sigma.astype(np.float64)
+
+    def log_joint(tau, mu):
+        return (
+            stats.norm.logpdf(mu, 0.0, 5.0)
+            + stats.halfcauchy.logpdf(tau, scale=5.0)
+            + stats.norm.logpdf(y, mu, np.sqrt(tau**2 + sigma**2)).sum()
+        )
+
+    shift = -log_joint(3.0, float(np.mean(y)))  # keep the integrand near 1
+    value, _ = integrate.dblquad(
+        lambda tau, mu: np.exp(log_joint(tau, mu) + shift), -40.0, 40.0, 0.0, np.inf
+    )
+    return float(np.log(value) - shift)
+
+
+def _importance_log_z(model, draws: int = 200_000, seed: int = 0) -> float:
+    """log Z from importance sampling with a Student-t (5 degrees of freedom)
+    around the Laplace approximation of the unconstrained posterior."""
+    import scipy.optimize
+    from scipy import stats
+
+    log_density, dim = potential(model)
+    log_density = jax.jit(log_density)
+    neg_grad = jax.jit(jax.grad(lambda z: -log_density(z)))
+    mode = scipy.optimize.minimize(
+        lambda z: -float(log_density(jnp.asarray(z, jnp.float32))),
+        np.zeros(dim),
+        jac=lambda z: np.asarray(neg_grad(jnp.asarray(z, jnp.float32)), np.float64),
+        method="BFGS",
+    ).x
+    hessian = np.asarray(jax.hessian(lambda z: -log_density(z))(jnp.asarray(mode, jnp.float32)))
+    chol = np.linalg.cholesky(np.linalg.inv(hessian.astype(np.float64)))
+    eps = stats.t.rvs(5.0, size=(draws, dim), random_state=seed)
+    z = mode + eps @ chol.T
+    log_q = stats.t.logpdf(eps, 5.0).sum(1) - np.log(np.diag(chol)).sum()
+    log_p = np.asarray(jax.lax.map(log_density, jnp.asarray(z, jnp.float32), batch_size=4096))
+    log_w = log_p - log_q
+    return float(np.log(np.mean(np.exp(log_w - log_w.max()))) + log_w.max())
+
+
+def make_problems() -> dict[str, Problem]:
+    x, y = breast_cancer()
+    y50, s50 = hierarchy50_data()
+    problems = {
+        "funnel": Problem(lambda: funnel(10), 0.0),
+        "banana": Problem(banana, 0.0),
+        "two_modes": Problem(two_modes, 0.0),
+        "eight_schools": Problem(lambda: centered_hierarchy(EIGHT_Y, EIGHT_SIGMA), None),
+        "logistic": Problem(lambda: logistic(x, y), None),
+        "hierarchical50": Problem(lambda: centered_hierarchy(y50, s50), None),
+    }
+    log_z = {
+        "eight_schools": lambda: _hierarchy_log_z(EIGHT_Y, EIGHT_SIGMA),
+        "logistic": lambda: _importance_log_z(problems["logistic"].model),
+        "hierarchical50": lambda: _hierarchy_log_z(y50, s50),
+    }
+    return {
+        name: Problem(p.model, log_z[name] if p.log_z is None else p.log_z)
+        for name, p in problems.items()
+    }
+
+
+PROBLEMS = ("funnel", "banana", "two_modes", "eight_schools", "logistic", "hierarchical50")
+
+
+def potential(model):
+    """``(log density of the unconstrained latent vector, its dimension)``:
+    NumPyro's potential energy, negated, as a function of a flat vector."""
+    from jax.flatten_util import ravel_pytree
+    from numpyro.infer.util import initialize_model
+
+    info = initialize_model(jax.random.PRNGKey(0), model)
+    flat, unravel = ravel_pytree(info.param_info.z)
+    return (lambda z: -info.potential_fn(unravel(z))), flat.shape[0]
+
+
+# --- guides and fitting -------------------------------------------------------
 
 GUIDES = {
-    "AutoGlow": lambda model: AutoGlow(model),
-    "AutoIAFNormal": lambda model: AutoIAFNormal(model, num_flows=4),
-    "AutoBNAFNormal": lambda model: AutoBNAFNormal(model, num_flows=2),
-    "AutoMultivariateNormal": lambda model: AutoMultivariateNormal(model),
+    "AutoGlow": AutoGlow,
+    "AutoIAFNormal": AutoIAFNormal,
+    "AutoBNAFNormal": AutoBNAFNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
 }
+
+#: AutoGlow's recommended recipe: the guide's defaults (sticking the landing on),
+#: 16 vectorised particles per step and the schedule below.
+RECIPE = {"particles": 16}
+
+
+def schedule(steps: int, start: float = 3e-3, end: float = 3e-4):
+    """The learning rate decaying exponentially from ``start`` to ``end`` over ``steps``."""
+    return optax.exponential_decay(start, max(steps, 1), end / start)
+
+
+def fit_svi(model, guide, steps: int, particles: int, seed: int):
+    """SVI with Adam on :func:`schedule`. Returns the parameters, the compile
+    time (first step) and the time of the other ``steps - 1`` steps."""
+    loss = Trace_ELBO(num_particles=particles, vectorize_particles=True)
+    svi = SVI(model, guide, numpyro.optim.optax_to_numpyro(optax.adam(schedule(steps))), loss)
+    t0 = time.perf_counter()
+    update = jax.jit(svi.update)
+    state, _ = update(svi.init(jax.random.PRNGKey(seed)))
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    for _ in range(steps - 1):
+        state, _ = update(state)
+    params = jax.block_until_ready(svi.get_params(state))
+    return params, {"compile_s": t1 - t0, "train_s": time.perf_counter() - t1, "steps": steps}
+
+
+def step_time(model, make_guide, particles: int, probe: int = 200) -> float:
+    """Seconds per SVI step of a guide, from ``probe`` steps after compiling."""
+    _, timing = fit_svi(model, make_guide(model), probe + 1, particles, seed=0)
+    return timing["train_s"] / probe
 
 
 def elbo(model, guide, params, particles: int) -> float:
-    return -float(
-        Trace_ELBO(num_particles=particles).loss(jax.random.PRNGKey(123), params, model, guide)
+    key = jax.random.PRNGKey(12345)
+    return -float(Trace_ELBO(num_particles=particles).loss(key, params, model, guide))
+
+
+FLOWJAX = {  # name: (flow, sticking the landing)
+    "flowjax MAF": ("masked_autoregressive_flow", False),
+    "flowjax MAF, STL": ("masked_autoregressive_flow", True),
+    "flowjax coupling": ("coupling_flow", False),
+}
+
+
+def fit_flowjax(model, name: str, steps: int, seed: int, eval_particles: int) -> dict:
+    """A flowjax flow with its defaults, fitted by flowjax's own training step
+    (16 samples per step, as ``fit_to_key_based_loss`` does it) to the model's
+    unconstrained log density."""
+    import equinox as eqx
+    import flowjax.flows
+    import paramax
+    from flowjax.distributions import Normal
+    from flowjax.train.losses import ElboLoss
+    from flowjax.train.train_utils import step
+
+    kind, stl = FLOWJAX[name]
+    log_density, dim = potential(model)
+    key, flow_key = jax.random.split(jax.random.key(seed))
+    flow = getattr(flowjax.flows, kind)(flow_key, base_dist=Normal(jnp.zeros(dim)))
+    loss = ElboLoss(log_density, 16, stick_the_landing=stl)
+    optimizer = optax.adam(schedule(steps))
+    params, static = eqx.partition(
+        flow, eqx.is_inexact_array, is_leaf=lambda x: isinstance(x, paramax.NonTrainable)
     )
-
-
-def fit(model, guide, lr: float, key, steps: int | None = None, seconds: float | None = None):
-    """SVI for ``steps`` steps, or for ``seconds`` of wall time after the first
-    (compiling) step. Returns the parameters, the seconds taken (compilation
-    included) and the number of steps."""
-    svi = SVI(model, guide, numpyro.optim.Adam(lr), Trace_ELBO())
+    opt_state = optimizer.init(params)
     t0 = time.perf_counter()
-    update = jax.jit(svi.update)
-    state, _ = update(svi.init(key))
-    jax.block_until_ready(state)
-    t1, done = time.perf_counter(), 1
-    while (steps is not None and done < steps) or (
-        seconds is not None and time.perf_counter() - t1 < seconds
-    ):
-        state, _ = update(state)
-        done += 1
-    params = jax.block_until_ready(svi.get_params(state))
-    return params, time.perf_counter() - t0, done
+    t1 = t0
+    for i, k in enumerate(jax.random.split(key, steps)):
+        params, opt_state, value = step(
+            params, static, key=k, optimizer=optimizer, opt_state=opt_state, loss_fn=loss
+        )
+        value.item()  # flowjax's loop reads every loss
+        if i == 0:
+            t1 = time.perf_counter()
+    t2 = time.perf_counter()
+    flow = eqx.combine(params, static)
+    z, log_q = flow.sample_and_log_prob(jax.random.key(12345), (eval_particles,))
+    value = float(jnp.mean(jax.vmap(log_density)(z) - log_q))
+    return {"elbo": value, "compile_s": t1 - t0, "train_s": t2 - t1, "steps": steps}
+
+
+# --- the two protocols ----------------------------------------------------------
+
+
+def run_default(problem: Problem, args, seed: int, log) -> dict:
+    rows = {}
+    for name in args.guides:
+        for steps in args.steps:
+            guide = GUIDES[name](problem.model)
+            params, timing = fit_svi(problem.model, guide, steps, 1, seed)
+            row = {"elbo": elbo(problem.model, guide, params, args.eval_particles), **timing}
+            rows[f"{name} @ {steps}"] = row
+            log(name, steps, row)
+    return rows
+
+
+def run_recipe(problem: Problem, args, seed: int, log) -> dict:
+    rows = {}
+    seconds_per_step = step_time(problem.model, AutoGlow, RECIPE["particles"])
+    for name in args.flowjax:
+        row = fit_flowjax(problem.model, name, args.flowjax_steps, seed, args.eval_particles)
+        rows[name] = row
+        log(name, args.flowjax_steps, row)
+        steps = max(2, int(row["train_s"] / seconds_per_step))
+        guide = AutoGlow(problem.model)
+        params, timing = fit_svi(problem.model, guide, steps, RECIPE["particles"], seed)
+        glow_row = {"elbo": elbo(problem.model, guide, params, args.eval_particles), **timing}
+        rows[f"AutoGlow recipe, time of {name}"] = glow_row
+        log("AutoGlow recipe", steps, glow_row)
+    return rows
 
 
 def main(args: argparse.Namespace) -> dict:
-    key = jax.random.PRNGKey(args.seed)
-    results: dict = {}
-    for problem in args.problems:
-        model = make_problem(problem, args.dim)
-        results[problem] = {}
-        for name in args.guides:
-            row: dict = {}
-            guide = GUIDES[name](model)
-            params, seconds, _ = fit(model, guide, args.lr, key, steps=args.steps)
-            row.update(elbo=elbo(model, guide, params, args.eval_particles), seconds=seconds)
-            if args.seconds:
-                guide = GUIDES[name](model)
-                params, _, done = fit(model, guide, args.lr, key, seconds=args.seconds)
-                row.update(
-                    elbo_at_seconds=elbo(model, guide, params, args.eval_particles),
-                    steps_in_seconds=done,
+    problems = make_problems()
+    results: dict = {"args": vars(args), "log_z": {}, "runs": {}}
+    for problem_name in args.problems:
+        problem = problems[problem_name]
+        log_z = problem.log_z() if callable(problem.log_z) else problem.log_z
+        results["log_z"][problem_name] = log_z
+        for seed in args.seeds:
+
+            def log(name, steps, row, problem_name=problem_name, seed=seed):
+                print(
+                    f"{problem_name:14s} seed {seed} {name:24s} {steps:6d} steps  "
+                    f"ELBO {row['elbo']:9.3f}  train {row['train_s']:6.1f} s  "
+                    f"compile {row['compile_s']:5.1f} s",
+                    flush=True,
                 )
-            results[problem][name] = row
-            print(f"{problem:11s} {name:23s} " + json.dumps(row), flush=True)
-    print(table(results, args))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+
+            runs = {}
+            if "default" in args.protocols:
+                runs.update(run_default(problem, args, seed, log))
+            if "recipe" in args.protocols:
+                runs.update(run_recipe(problem, args, seed, log))
+            results["runs"].setdefault(problem_name, {})[str(seed)] = runs
+            if args.out:  # after every seed, so a long run keeps what it has
+                with open(args.out, "w") as f:
+                    json.dump(results, f, indent=2)
+    print(table(results))
     return results
 
 
-def table(results: dict, args: argparse.Namespace) -> str:
-    head = f"| posterior | guide | ELBO at {args.steps} steps | time (s) |"
-    rule = "|---|---|---|---|"
-    if args.seconds:
-        head += f" ELBO at {args.seconds:g} s | steps in {args.seconds:g} s |"
-        rule += "---|---|"
-    lines = [head, rule]
-    for problem, rows in results.items():
+def medians(results: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """Per problem and row: the median ELBO, training seconds and steps over seeds."""
+    out: dict = {}
+    for problem, by_seed in results["runs"].items():
+        names = {name for runs in by_seed.values() for name in runs}
+        out[problem] = {}
+        for name in sorted(names):
+            rows = [runs[name] for runs in by_seed.values() if name in runs]
+            out[problem][name] = {
+                key: float(np.median([r[key] for r in rows]))
+                for key in ("elbo", "train_s", "steps")
+            }
+    return out
+
+
+def table(results: dict) -> str:
+    """A Markdown table of the medians, with each row's gap to log Z."""
+    lines = [
+        "| posterior | log Z | run | median ELBO | gap to log Z | train (s) | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for problem, rows in medians(results).items():
+        log_z = results["log_z"][problem]
         for name, r in rows.items():
-            line = f"| {problem} | {name} | {r['elbo']:.3f} | {r['seconds']:.1f} |"
-            if args.seconds:
-                line += f" {r['elbo_at_seconds']:.3f} | {r['steps_in_seconds']} |"
-            lines.append(line)
+            lines.append(
+                f"| {problem} | {log_z:.3f} | {name} | {r['elbo']:.3f} | "
+                f"{log_z - r['elbo']:.3f} | {r['train_s']:.1f} | {r['steps']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -160,12 +391,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     p.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES))
-    p.add_argument("--dim", type=int, default=10, help="funnel dimension")
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--seconds", type=float, default=None, help="also fit for this wall time")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--protocols", nargs="+", default=["default", "recipe"])
+    p.add_argument("--steps", nargs="+", type=int, default=[3000, 10000])
+    p.add_argument("--flowjax", nargs="+", default=list(FLOWJAX), choices=list(FLOWJAX))
+    p.add_argument("--flowjax-steps", type=int, default=3000)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--eval-particles", type=int, default=4000)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON")
     return p
 

@@ -2,7 +2,7 @@
 
 from . import data, nets, transforms
 from .autoguide import AutoGlow
-from .distribution import FlowDistribution, bits_per_dim
+from .distribution import FlowDistribution, StickTheLanding, bits_per_dim
 from .glow import glow
 from .prior import inpainting_model, load_glow
 from .transforms import (
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AutoGlow",
     "FlowDistribution",
+    "StickTheLanding",
     "bits_per_dim",
     "glow",
     "inpainting_model",

@@ -134,6 +134,18 @@ def _spline(seed, event_dim, num_bins=8):
     return SplineCoupling(nets.mlp, params, 1, num_bins, SPLINE_BOUND)
 
 
+def guide_steps():
+    """Two AutoGlow steps on vectors (5,), stacked in a Scan: an LU map and a
+    masked coupling with the bounded scale, the two masks unbalanced (2 and 3
+    kept channels)."""
+    masks = np.array([[1, 0, 1, 0, 0], [0, 1, 0, 1, 1]], np.float32)
+    steps = []
+    for seed, mask in zip((70, 80), masks, strict=True):
+        coupling = AffineCoupling(nets.mlp, mlp_params(seed, 5, 10), 1, "bounded", mask=mask)
+        steps.append(Chain([conv1x1(seed + 1, 5, True, 1), coupling]))
+    return Scan.stack(steps)
+
+
 CASES = [
     Case("logitify", lambda: Logitify(0.05), (3, 2), unit_interval=True),
     Case("logitify_tiny_alpha", lambda: Logitify(1e-6), (3, 2), unit_interval=True),
@@ -153,6 +165,7 @@ CASES = [
     Case("additive_vector", lambda: _additive(13, 1), VECTOR),
     Case("spline_image", lambda: _spline(17, 3), IMAGE),
     Case("spline_vector", lambda: _spline(18, 1, num_bins=5), VECTOR),
+    Case("guide_steps", guide_steps, VECTOR),
     Case("squeeze", lambda: Squeeze(), IMAGE),
     Case("unsqueeze", lambda: Squeeze().inv, (2, 2, 8)),
     Case("split_multiscale", split_level, (4, 4, 4)),

@@ -11,7 +11,10 @@ import pytest
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
 from numpyro.infer.reparam import NeuTraReparam
 
+from numpyro.infer.autoguide import AutoMultivariateNormal
+
 from numpyro_glow import AutoGlow
+from numpyro_glow.autoguide import coupling_masks
 
 KEY = jax.random.PRNGKey(0)
 
@@ -83,13 +86,91 @@ def test_get_transform_and_posterior(fitted):
     np.testing.assert_allclose(lp, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_initialisation_is_a_small_gaussian_at_init_loc():
-    guide = AutoGlow(constrained_model, num_flows=2, init_scale=0.1)
-    svi = SVI(constrained_model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
-    transform = guide.get_transform(svi.get_params(svi.init(KEY, DATA)))
-    z = transform(guide.get_base_dist().sample(KEY, (2000,)))
-    np.testing.assert_allclose(z.mean(0), guide._init_latent, atol=0.02)
-    np.testing.assert_allclose(z.std(0), 0.1, rtol=0.1)
+def test_initialisation_is_auto_multivariate_normal():
+    """At init every step is the identity: the guide is AutoMultivariateNormal's
+    N(init_loc, init_scale^2 I), log density included."""
+    glow = AutoGlow(constrained_model, num_flows=3, init_scale=0.3)
+    mvn = AutoMultivariateNormal(constrained_model, init_scale=0.3)
+    params = {}
+    for guide in (glow, mvn):
+        svi = SVI(constrained_model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
+        params[guide] = svi.get_params(svi.init(KEY, DATA))
+    np.testing.assert_allclose(glow._init_latent, mvn._init_latent)
+    eps = glow.get_base_dist().sample(KEY, (64,))
+    z_glow = glow.get_transform(params[glow])(eps)
+    np.testing.assert_allclose(z_glow, mvn.get_transform(params[mvn])(eps), atol=1e-5)
+    np.testing.assert_allclose(
+        glow.get_posterior(params[glow]).log_prob(z_glow),
+        mvn.get_posterior(params[mvn]).log_prob(z_glow),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+LOC = jnp.array([1.0, -2.0, 0.5])
+COV = jnp.array([[2.0, 0.6, 0.0], [0.6, 1.0, -0.3], [0.0, -0.3, 0.5]])
+
+
+def gaussian_model():
+    numpyro.sample("z", dist.MultivariateNormal(LOC, COV))
+
+
+def per_sample_gradient(stick_the_landing: bool, key):
+    """Gradient of the one-sample negative ELBO at the exact optimum (the
+    guide's head set to the target's mean and Cholesky factor)."""
+    guide = AutoGlow(gaussian_model, num_flows=2, stick_the_landing=stick_the_landing)
+    svi = SVI(gaussian_model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(KEY))
+    params = {**params, "auto_loc": LOC, "auto_scale_tril": jnp.linalg.cholesky(COV)}
+    return jax.grad(lambda p: Trace_ELBO().loss(key, p, gaussian_model, guide))(params)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_stick_the_landing_gradient_vanishes_at_the_optimum(seed):
+    key = jax.random.PRNGKey(seed)
+    stl = jax.tree.leaves(per_sample_gradient(True, key))
+    assert max(float(jnp.abs(g).max()) for g in stl) < 1e-4
+    plain = per_sample_gradient(False, key)
+    # without STL the score term remains: nonzero per sample, zero on average
+    assert float(jnp.abs(plain["auto_loc"]).max()) > 1e-2
+
+
+def test_coupling_masks_condition_later_sites_on_earlier_ones():
+    masks = coupling_masks(5, 6)  # B = 3 bits: one cycle is 6 masks
+    assert masks.shape == (6, 5) and set(np.unique(masks)) <= {0.0, 1.0}
+    # coordinate 0 conditions the last B steps; each coordinate j > 0 is
+    # transformed in some step that coordinate 0 conditions
+    assert (masks[-3:, 0] == 1).all()
+    for j in range(1, 5):
+        assert any(m[0] == 1 and m[j] == 0 for m in masks)
+    # every step transforms something and keeps something
+    assert ((masks.sum(1) > 0) & (masks.sum(1) < 5)).all()
+    np.testing.assert_array_equal(coupling_masks(5, 8)[-6:], masks)
+    with pytest.raises(ValueError, match="dim >= 2"):
+        coupling_masks(1, 4)
+
+
+def test_spline_coupling_guide_fits():
+    guide = AutoGlow(funnel, num_flows=2, hidden_dims=(16,), coupling="spline", num_bins=4)
+    svi = SVI(funnel, guide, numpyro.optim.Adam(5e-3), Trace_ELBO())
+    result = svi.run(KEY, 300, progress_bar=False)
+    assert np.isfinite(result.losses).all()
+    assert result.losses[-50:].mean() < result.losses[:50].mean()
+    assert result.params["auto_glow_steps"]["net"][-1]["w"].shape[-1] == (3 * 4 - 1) * 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_flows": 0}, "num_flows"),
+        ({"init_scale": 0.0}, "init_scale"),
+        ({"coupling": "additive"}, "coupling"),
+        ({"hidden_dims": ()}, "hidden_dims"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoGlow(funnel, **kwargs)
 
 
 def funnel():

@@ -19,6 +19,11 @@ __all__ = ["AffineCoupling", "AdditiveCoupling"]
 #: channel axis.
 Net = Callable[[Any, Array], Array]
 
+#: Bounds of ``scale="bounded"``: a step expands by at most ``e**BOUNDED_EXPANSION``
+#: and contracts by at most ``e**-BOUNDED_CONTRACTION``.
+BOUNDED_EXPANSION = 1.0
+BOUNDED_CONTRACTION = 3.0
+
 _SCALES = {
     # Glow's sigmoid(raw + 2): a contraction in (0, 1), 0.881 at raw = 0.
     "sigmoid": lambda raw: log_sigmoid(raw + 2.0),
@@ -26,6 +31,13 @@ _SCALES = {
     "exp": lambda raw: raw,
     # Soft-clamped: log s = 3 tanh(raw / 3) in (-3, 3), identity at raw = 0.
     "tanh": lambda raw: 3.0 * jnp.tanh(raw / 3.0),
+    # Asymmetric soft clamp: log s in (-BOUNDED_CONTRACTION, BOUNDED_EXPANSION),
+    # slope 1 at raw = 0 from both sides.
+    "bounded": lambda raw: jnp.where(
+        raw > 0,
+        BOUNDED_EXPANSION * jnp.tanh(raw / BOUNDED_EXPANSION),
+        BOUNDED_CONTRACTION * jnp.tanh(raw / BOUNDED_CONTRACTION),
+    ),
 }
 
 
@@ -37,12 +49,22 @@ class _Coupling(GlowTransform):
     x_a)`, checked to have :meth:`_h_channels` channels. A subclass says only how
     :math:`x_b` is transformed given :math:`h`, in :meth:`_transform_b`; both
     directions run through :meth:`_couple`, so they share every other line.
+
+    **Masked coupling.** With ``mask``, a 0/1 array over the channels (the last
+    axis), the channels where it is 1 condition and those where it is 0 are
+    transformed (RealNVP's masks): :math:`h = \mathrm{net}(\mathrm{params},
+    m \odot x)` has the parameters of *every* channel (:meth:`_h_channels` of
+    :math:`C`, same layout), the kept channels' parameters are zeroed and their
+    outputs and log-derivatives are those of the identity. Any partition works,
+    unbalanced ones included, and steps with different masks have the same
+    shapes, so a :class:`~numpyro_glow.Scan` can stack them. The mask is an array
+    child read as ``mask > 0.5``, so its gradient is zero.
     """
 
     #: How the channel count of ``h`` depends on ``C_b`` (for error messages).
     _h_layout: str = ""
 
-    def __init__(self, net: Net, params: Any, event_dim: int = 3):
+    def __init__(self, net: Net, params: Any, event_dim: int = 3, mask: Array | None = None):
         if not callable(net):
             raise ValueError(
                 f"{type(self).__name__}: expected a callable net(params, x), got {net!r}"
@@ -50,6 +72,7 @@ class _Coupling(GlowTransform):
         self.net = net
         self.params = params
         self.event_dim = event_dim
+        self.mask = None if mask is None else jnp.asarray(mask, jnp.result_type(float))
 
     def _h_channels(self, c_b: int) -> int:
         """The number of channels ``net`` must return for ``c_b`` transformed channels."""
@@ -67,21 +90,44 @@ class _Coupling(GlowTransform):
         check_event(name, x, max(self.event_dim, 1))
         if x.shape[-1] < 2:
             raise ValueError(f"{name}: expected at least 2 channels to split, got shape {x.shape}")
+        if self.mask is not None:
+            return self._couple_masked(x, inverse)
         x_a, x_b = split_channels(x)
-        c_b = x_b.shape[-1]
+        y_b, log_det = self._transform_b(x_b, self._h(x_a, x_b.shape[-1]), inverse)
+        return jnp.concatenate([x_a, y_b], axis=-1), self._sum_log_det(log_det, x)
+
+    def _couple_masked(self, x: Array, inverse: bool) -> tuple[Array, Array]:
+        c = x.shape[-1]
+        if self.mask.shape[-1:] != (c,):
+            raise ValueError(
+                f"{type(self).__name__}: expected a mask over the {c} channels, "
+                f"got shape {self.mask.shape}"
+            )
+        keep = self.mask > 0.5
+        h = self._h(jnp.where(keep, x, 0.0), c)
+        # the kept channels' parameters are zeroed (parameter-major layout)
+        blocks = h.reshape(h.shape[:-1] + (-1, c))
+        h = jnp.where(keep, 0.0, blocks).reshape(h.shape)
+        y, log_det = self._transform_b(x, h, inverse)
+        if log_det is not None:
+            log_det = jnp.where(keep, 0.0, log_det)
+        return jnp.where(keep, x, y), self._sum_log_det(log_det, x)
+
+    def _h(self, x_a: Array, c_b: int) -> Array:
+        """``net(params, x_a)``, checked to have the channels of ``c_b`` transformed ones."""
         h = self.net(self.params, x_a)
         expected = self._h_channels(c_b)
         if h.shape[-1] != expected:
             raise ValueError(
-                f"{name}: expected the net to return {expected} channels "
+                f"{type(self).__name__}: expected the net to return {expected} channels "
                 f"({self._h_layout} with C_b={c_b}), got shape {h.shape}"
             )
-        y_b, log_det = self._transform_b(x_b, h, inverse)
+        return h
+
+    def _sum_log_det(self, log_det: Array | None, x: Array) -> Array:
         if log_det is None:
-            log_det = self._batch_zeros(x)
-        else:
-            log_det = sum_rightmost(log_det, self.event_dim)
-        return jnp.concatenate([x_a, y_b], axis=-1), log_det
+            return self._batch_zeros(x)
+        return sum_rightmost(log_det, self.event_dim)
 
     def forward_and_log_det(self, x: Array) -> tuple[Array, Array]:
         return self._couple(x, inverse=False)
@@ -93,7 +139,7 @@ class _Coupling(GlowTransform):
         return {"net": self.net, "event_dim": self.event_dim}
 
     def tree_flatten(self):
-        return (self.params,), (("params",), self._aux())
+        return (self.params, self.mask), (("params", "mask"), self._aux())
 
     def __repr__(self) -> str:
         net = getattr(self.net, "__name__", self.net)
@@ -107,9 +153,13 @@ class AffineCoupling(_Coupling):
     :math:`x_b`; :math:`h = \mathrm{net}(\mathrm{params}, x_a)` has
     :math:`2 C_b` channels: a shift :math:`t = h_{[:C_b]}` and a raw scale
     :math:`r = h_{[C_b:]}`. With :math:`\log s = \log\sigma(r + 2)` (``scale="sigmoid"``,
-    Glow's choice), :math:`\log s = r` (``scale="exp"``, able to expand) or
+    Glow's choice), :math:`\log s = r` (``scale="exp"``, able to expand),
     :math:`\log s = 3\tanh(r/3)` (``scale="tanh"``, expands and contracts by at
-    most :math:`e^3` per layer, which keeps guides from diverging):
+    most :math:`e^3` per layer) or the asymmetric soft clamp
+    :math:`\log s = a\tanh(r/a)` for :math:`r > 0`, :math:`b\tanh(r/b)` otherwise,
+    :math:`a = 1`, :math:`b = 3` (``scale="bounded"``: a layer contracts by up to
+    :math:`e^{-3}` but expands by at most :math:`e`, so a deep stack's samples
+    cannot blow up; the vector guide's choice):
 
     .. math::
 
@@ -122,13 +172,22 @@ class AffineCoupling(_Coupling):
     parameter values change. With a zero-initialised last layer (the default
     networks), ``scale="exp"`` is the identity at initialisation and
     ``scale="sigmoid"`` multiplies :math:`x_b` by :math:`\sigma(2) = 0.881`, as in
-    the Glow code.
+    the Glow code. ``mask`` makes it a masked coupling (see ``_Coupling``: any
+    0/1 partition of the channels, the net sees :math:`m \odot x` and returns
+    :math:`2C` channels).
     """
 
-    def __init__(self, net: Net, params: Any, event_dim: int = 3, scale: str = "sigmoid"):
+    def __init__(
+        self,
+        net: Net,
+        params: Any,
+        event_dim: int = 3,
+        scale: str = "sigmoid",
+        mask: Array | None = None,
+    ):
         if scale not in _SCALES:
             raise ValueError(f"AffineCoupling: expected scale in {sorted(_SCALES)}, got {scale!r}")
-        super().__init__(net, params, event_dim)
+        super().__init__(net, params, event_dim, mask)
         self.scale = scale
 
     _h_layout = "2 * C_b"

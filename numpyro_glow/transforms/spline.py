@@ -281,6 +281,7 @@ class SplineCoupling(_Coupling):
         event_dim: int = 3,
         num_bins: int = 8,
         bound: float = 4.0,
+        mask: Array | None = None,
     ):
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 2:
             raise ValueError(f"SplineCoupling: expected an integer num_bins >= 2, got {num_bins!r}")
@@ -299,7 +300,7 @@ class SplineCoupling(_Coupling):
             raise ValueError(
                 f"SplineCoupling: expected a positive finite number for bound, got {bound!r}"
             )
-        super().__init__(net, params, event_dim)
+        super().__init__(net, params, event_dim, mask)
         self.num_bins = num_bins
         self.bound = bound_value
 
