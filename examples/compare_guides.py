@@ -46,7 +46,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +117,7 @@ def logistic(x: np.ndarray, y: np.ndarray) -> None:
     numpyro.sample("y", dist.Bernoulli(logits=c + x @ w).to_event(1), obs=y)
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     model: object
     log_z: object  # a number, or a function computing it
 

@@ -19,23 +19,24 @@ def _load(name: str):
     return module
 
 
-@pytest.mark.slow  # ~28 s of compiles (four guides); run with -m slow
+@pytest.mark.slow  # compiles two guides and computes log Z by quadrature
 def test_compare_guides(tmp_path):
     example = _load("compare_guides")
     out = tmp_path / "guides.json"
     args = example.parser().parse_args(
-        ["--problems", "regression", "--steps", "20", "--seconds", "0.2"]
-        + ["--guides", "AutoGlow", "AutoMultivariateNormal", "--eval-particles", "20"]
-        + ["--out", str(out)]
+        ["--problems", "eight_schools", "--protocols", "default", "--steps", "20"]
+        + ["--seeds", "0", "--guides", "AutoGlow", "AutoMultivariateNormal"]
+        + ["--eval-particles", "20", "--out", str(out)]
     )
     results = example.main(args)
-    assert set(results) == {"regression"}  # constrained sites and a plate
-    for rows in results.values():
-        assert set(rows) == {"AutoGlow", "AutoMultivariateNormal"}
-        for r in rows.values():
-            assert math.isfinite(r["elbo"]) and math.isfinite(r["elbo_at_seconds"])
-            assert r["steps_in_seconds"] >= 1 and r["seconds"] > 0
-    assert json.loads(out.read_text())["results"] == json.loads(json.dumps(results))
+    # constrained sites (HalfCauchy) and a plate
+    assert abs(results["log_z"]["eight_schools"] - (-31.31)) < 0.05
+    runs = results["runs"]["eight_schools"]["0"]
+    assert set(runs) == {"AutoGlow @ 20", "AutoMultivariateNormal @ 20"}
+    for r in runs.values():
+        assert math.isfinite(r["elbo"]) and r["steps"] == 20 and r["train_s"] > 0
+    assert json.loads(out.read_text())["runs"] == json.loads(json.dumps(results["runs"]))
+    assert "| eight_schools |" in example.table(results)
 
 
 def test_neutra_funnel(tmp_path):
