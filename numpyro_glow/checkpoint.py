@@ -98,6 +98,9 @@ def write(path: str | os.PathLike, arrays: Mapping[str, Any], metadata: Mapping[
     path = Path(path)
     meta = {"format": FORMAT, "version": VERSION, **metadata}
     payload = {name: np.asarray(a) for name, a in arrays.items()}
+    for name, a in payload.items():
+        if a.dtype.kind not in "biufc":  # np.savez would pickle an object array
+            raise ValueError(f"{path}: array {name!r} has dtype {a.dtype}; expected numbers")
     payload[METADATA] = np.frombuffer(dumps(meta).encode(), np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer

@@ -456,6 +456,17 @@ def _host_fields(state: TrainState) -> dict[str, Any]:
     return {name: getattr(state, name) for name in _HOST_FIELDS}
 
 
+def _carried(state: TrainState) -> TrainState:
+    """What the compiled step takes (and donates): ``state`` without the best
+    parameters, which it does not change, and the host fields."""
+    return _arrays_only(state)._replace(best=None)
+
+
+def _rejoin(new: TrainState, old: TrainState) -> TrainState:
+    """The step's output ``new`` with the fields :func:`_carried` left out of ``old``."""
+    return new._replace(best=old.best, **_host_fields(old))
+
+
 def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
@@ -550,10 +561,12 @@ class Density:
         return tree if self.mesh is None else parallel.replicate(tree, self.mesh)
 
     def place(self, k: np.ndarray | Array, y: np.ndarray | Array | None = None):
-        """A batch as device arrays: split along axis 0 over the mesh when its
-        length divides evenly over the devices, else replicated."""
+        """A batch for the compiled functions: on one device as it is (a compiled
+        call transfers NumPy arguments itself, faster than ``jnp.asarray``);
+        with several, split along axis 0 over the mesh when its length divides
+        evenly over the devices, else replicated."""
         if self.mesh is None:
-            return jnp.asarray(k), None if y is None else jnp.asarray(y)
+            return k, y
         if len(k) % self.mesh.devices.size:
             return parallel.replicate((k, y), self.mesh)
         return parallel.shard_batch((k, y), self.mesh)
@@ -819,8 +832,7 @@ class Trainer:
     def step(self, state: TrainState, k: Array, y: Array | None) -> TrainState:
         """``state`` after one training step on the batch ``(k, y)``. The state's
         buffers are donated: use only the returned state."""
-        new = self.density.train_step(_arrays_only(state), k, y, self.step_key)
-        return new._replace(**_host_fields(state))
+        return _rejoin(self.density.train_step(_carried(state), k, y, self.step_key), state)
 
     def check_finite(self, state: TrainState, last_checkpoint: str) -> None:
         """``FloatingPointError`` if a loss since the start was NaN or infinite
@@ -1005,10 +1017,19 @@ def _check_resumable(path: Path, config: TrainConfig) -> None:
 
 
 class _Clock:
-    """Training throughput, the evaluations' time left out."""
+    """Training throughput: the first step (which compiles) and the evaluations
+    left out."""
 
     def __init__(self) -> None:
-        self.images, self.t0 = 0, time.perf_counter()
+        self.images, self.t0, self.started = 0, time.perf_counter(), False
+
+    def count(self, state: TrainState, images: int) -> None:
+        if not self.started:  # wait for the first step, then start counting
+            jax.block_until_ready(state.loss)
+            self.started = True
+            self.restart()
+        else:
+            self.images += images
 
     def pause(self) -> float | None:
         """Images per second since the last restart (call once the device is done);
@@ -1021,6 +1042,23 @@ class _Clock:
         self.t0 = time.perf_counter()
 
 
+def _advance(
+    trainer: Trainer,
+    state: TrainState,
+    batches: Iterator[tuple[Array, Array | None]],
+    clock: _Clock,
+    bar: _Progress,
+    last_checkpoint: Callable[[], str],
+) -> TrainState:
+    """What the loop does at every step: take the next batch, dispatch the
+    compiled step (without waiting for it), count, tick the bar."""
+    k, y = next(batches)
+    state = trainer.step(state, k, y)
+    clock.count(state, trainer.config.batch_size)
+    bar.update(state, trainer, last_checkpoint)
+    return state
+
+
 def _fit(
     trainer: Trainer, state: TrainState, run: RunFolder, t_start: float
 ) -> tuple[TrainState, bool]:
@@ -1028,20 +1066,11 @@ def _fit(
     waits for the device except evaluations, checkpoints and progress updates."""
     config = trainer.config
     start = int(state.step)
-    bar = _Progress(config, start)
-    clock = _Clock()
-    stopped = False
+    bar, clock, stopped = _Progress(config, start), _Clock(), False
     try:
         batches = trainer.batches(start)
         for done in range(start + 1, config.steps + 1):
-            k, y = next(batches)
-            state = trainer.step(state, k, y)
-            if done == start + 1:  # the first step compiles: not training throughput
-                jax.block_until_ready(state.loss)
-                clock.restart()
-            else:
-                clock.images += config.batch_size
-            bar.update(state, trainer, run)
+            state = _advance(trainer, state, batches, clock, bar, run.last_checkpoint)
             if done % config.eval_every == 0 or done == config.steps:
                 trainer.check_finite(state, run.last_checkpoint())  # waits for the device
                 rate = clock.pause()
@@ -1110,7 +1139,7 @@ class _Progress:
     """tqdm's bar; the loss shown (and checked for NaN) at most every half second,
     the only times the loop waits for the device besides evaluations."""
 
-    def __init__(self, config: TrainConfig, start: int):
+    def __init__(self, config: TrainConfig, start: int, file: Any = None):
         from tqdm.auto import tqdm  # a dependency of numpyro
 
         self.bar = tqdm(
@@ -1120,11 +1149,14 @@ class _Progress:
             dynamic_ncols=True,
             disable=not config.progress,
             mininterval=0.5,
+            file=file,
         )
         self.enabled, self.shown = config.progress, time.perf_counter()
         self.images, self.batch = 0, config.batch_size
 
-    def update(self, state: TrainState, trainer: Trainer, run: RunFolder) -> None:
+    def update(
+        self, state: TrainState, trainer: Trainer, last_checkpoint: Callable[[], str]
+    ) -> None:
         self.bar.update(1)
         if not self.enabled:
             return
@@ -1132,7 +1164,7 @@ class _Progress:
         now = time.perf_counter()
         if now - self.shown < 0.5:
             return
-        trainer.check_finite(state, run.last_checkpoint())
+        trainer.check_finite(state, last_checkpoint())
         loss = float(state.loss)
         bpd = loss / (self.batch * trainer.density.num_dims * math.log(2.0))
         rate = self.images / (now - self.shown)

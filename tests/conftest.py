@@ -26,4 +26,4 @@ def digits_checkpoint(tmp_path_factory):
         progress=False,
     )
     train(config)
-    return out / "checkpoint.pkl"
+    return out / "checkpoint.npz"
