@@ -577,6 +577,9 @@ class Density:
         data-dependent ActNorm initialisation), its parameters copied into the
         average and the best."""
         svi_state = self.svi.init(key, k, y)
+        # no weak types (SVI's step counter has one): a state read from a checkpoint
+        # then has the same types, and the compiled step is reused
+        svi_state = jax.tree.map(lambda a: jnp.asarray(a, dtype=a.dtype), svi_state)
         params = self.svi.get_params(svi_state)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
@@ -653,7 +656,7 @@ class Density:
         return np.asarray(self._draw(params, key, jnp.float32(temperature), y, n))
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _cached_density(config: TrainConfig, info: DataInfo) -> Density:
     return Density(config, info)
 
@@ -906,6 +909,8 @@ class RunFolder:
     def __exit__(self, kind, error, tb) -> None:
         if kind is None:
             return
+        if self.primary and not self.resume and self.saved_step is None:
+            self.metrics.unlink(missing_ok=True)  # a new run that saved nothing leaves nothing
         for folder in self._created:  # deepest first
             try:
                 folder.rmdir()  # only if empty
