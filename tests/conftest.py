@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # (numpyro_glow.train.Density.of)
 TINY_ARGS = ["--levels", "1", "--depth", "1", "--hidden-channels", "4", "--no-progress"]
 TINY_ARGS += ["--dequantization", "uniform", "--batch-size", "8", "--validation-size", "0.25"]
+TINY_ARGS += ["--eval-every", "2", "--checkpoint-every", "2"]
 
 
 @pytest.fixture(scope="session")
@@ -68,5 +69,5 @@ def tiny_run(tmp_path_factory, small_npz):
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     args = ["train", "--data", f"npz:{small_npz}", "--out", str(out), "--steps", "4"]
-    assert cli.main([*args, "--eval-every", "2", "--checkpoint-every", "2", *TINY_ARGS]) == 0
+    assert cli.main([*args, *TINY_ARGS]) == 0
     return out

@@ -219,7 +219,7 @@ def test_ctrl_c_stops_cleanly(tmp_path, small_npz, monkeypatch, capsys):
     _interrupting(monkeypatch, 3, KeyboardInterrupt())
     out = tmp_path / "run"
     args = ["train", "--data", f"npz:{small_npz}", "--out", str(out), "--steps", "6"]
-    assert cli.main([*args, "--eval-every", "2", "--checkpoint-every", "2", *TINY_ARGS]) == 130
+    assert cli.main([*args, *TINY_ARGS]) == 130
     err = capsys.readouterr().err
     assert "checkpoint.npz (step 2); continue with --resume" in err
     assert checkpoint.read_metadata(out / "checkpoint.npz")["step"] == 2
@@ -240,7 +240,7 @@ def test_sigterm_during_a_checkpoint_write(tmp_path, small_npz, monkeypatch, cap
     monkeypatch.setattr(checkpoint.np, "savez", savez_then_sigterm)
     out = tmp_path / "run"
     args = ["train", "--data", f"npz:{small_npz}", "--out", str(out), "--steps", "6"]
-    assert cli.main([*args, "--eval-every", "2", "--checkpoint-every", "2", *TINY_ARGS]) == 143
+    assert cli.main([*args, *TINY_ARGS]) == 143
     assert "terminated" in capsys.readouterr().err
     assert checkpoint.read_metadata(out / "checkpoint.npz")["step"] == 2
     load_model(out / "best.npz")  # written (atomically) before the signal
