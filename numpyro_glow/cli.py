@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .options import POSITIVE, add_arguments, at_least, from_arguments, option, validate
+from .options import POSITIVE, Validated, add_arguments, at_least, from_arguments, option
 
 __all__ = [
     "ConvertOptions",
@@ -35,18 +35,15 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(Validated):
     """What ``train`` does with an output folder that already holds a run."""
 
     resume: bool = option(False, "continue the run in --out from its checkpoint.npz")
     overwrite: bool = option(False, "replace the run in --out (its files are deleted)")
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass(frozen=True)
-class DistributedOptions:
+class DistributedOptions(Validated):
     """Several processes (hosts): see the docs page 'Several devices'."""
 
     distributed: bool = option(
@@ -60,12 +57,9 @@ class DistributedOptions:
     )
     process_id: int | None = option(None, "0 .. N-1 (--distributed)", check=at_least(0))
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass(frozen=True)
-class SampleOptions:
+class SampleOptions(Validated):
     """``numpyro-glow sample``."""
 
     checkpoint: str = option("", "checkpoint.npz or best.npz of a run", flag="checkpoint")
@@ -79,12 +73,9 @@ class SampleOptions:
     )
     seed: int = option(0, "seed of the draws", check=at_least(0))
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass(frozen=True)
-class EvaluateOptions:
+class EvaluateOptions(Validated):
     """``numpyro-glow evaluate``."""
 
     checkpoint: str = option("", "checkpoint.npz or best.npz of a run", flag="checkpoint")
@@ -92,12 +83,9 @@ class EvaluateOptions:
         None, "data to evaluate on (default: the data the checkpoint trained on)", metavar="SPEC"
     )
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass(frozen=True)
-class ConvertOptions:
+class ConvertOptions(Validated):
     """``numpyro-glow convert-checkpoint``."""
 
     source: str = option("", "the checkpoint.pkl of numpyro-glow 0.1", flag="source")
@@ -107,9 +95,6 @@ class ConvertOptions:
     trust_pickle: bool = option(
         False, "required: loading a pickle runs any code in it; say that you trust the file"
     )
-
-    def __post_init__(self) -> None:
-        validate(self)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "Check",
+    "Validated",
     "add_arguments",
     "at_least",
     "between",
@@ -154,6 +155,13 @@ def _describe_type(hint: Any) -> str:
     return " or ".join(names)
 
 
+class Validated:
+    """A base for configuration dataclasses: :func:`validate` on construction."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def validate(config: Any) -> None:
     """``ValueError`` for the first field of ``config`` (a dataclass made with
     :func:`option`) whose value has the wrong type, is not one of its choices,
@@ -169,19 +177,20 @@ def validate(config: Any) -> None:
             continue
         if not _type_ok(value, hint):
             raise ValueError(f"{where}: expected {_describe_type(hint)}, got {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{where}: expected a finite number, got {value!r}")
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{where}: expected a finite number, got {v!r}")
         choices = f.metadata.get("choices")
         if choices is not None and value not in choices:
             listed = ", ".join(repr(c) for c in choices)
             raise ValueError(f"{where}: expected one of {listed}, got {value!r}")
         check = f.metadata.get("check")
-        values = value if isinstance(value, tuple) else (value,)
         if check is not None and value is not None:
             if isinstance(value, tuple) and not value:
                 raise ValueError(f"{where}: expected at least one value, got ()")
             for v in values:
-                if not isinstance(v, int | float) or not math.isfinite(v) or not check.test(v):
+                if not check.test(v):
                     raise ValueError(f"{where}: expected {check.expected}, got {v!r}")
 
 

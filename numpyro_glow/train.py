@@ -52,7 +52,7 @@ from .data import ImageData, Splits, train_validation_split
 from .data import load as load_data
 from .distribution import FlowDistribution
 from .glow import glow, num_parameters
-from .options import POSITIVE, Check, at_least, between, option, validate
+from .options import POSITIVE, Check, Validated, at_least, between, option
 from .transforms import AffineCoupling, Chain, Inv1x1Conv, Squeeze, random_rotation
 
 Array = jax.Array
@@ -106,7 +106,7 @@ DEVICES = Check(
 
 
 @dataclass(frozen=True)
-class GlowConfig:
+class GlowConfig(Validated):
     """Architecture of the density (the arguments of :func:`~numpyro_glow.glow`)."""
 
     levels: int = option(
@@ -144,12 +144,9 @@ class GlowConfig:
         choices=("float32", "bfloat16"),
     )
 
-    def __post_init__(self) -> None:
-        validate(self)
-
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Validated):
     """What :func:`train` does; ``numpyro-glow train``'s options are these fields.
 
     Every field is checked on construction (``ValueError`` naming the field,
@@ -223,9 +220,6 @@ class TrainConfig:
         resume=True,
     )
 
-    def __post_init__(self) -> None:
-        validate(self)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -273,7 +267,7 @@ def _resume_difference(saved: TrainConfig, config: TrainConfig) -> str | None:
     pairs = [(TrainConfig, saved, config), (GlowConfig, saved.model, config.model)]
     for cls, old, new in pairs:
         for f in dataclasses.fields(cls):
-            if f.metadata.get("resume") or dataclasses.is_dataclass(f.type) or f.name == "model":
+            if f.metadata.get("resume") or f.name == "model":  # the model: its own fields
                 continue
             a, b = getattr(old, f.name), getattr(new, f.name)
             if f.name == "data":
@@ -954,15 +948,19 @@ class RunFolder:
         self.saved_step = step
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` atomically (temporary file, rename)."""
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(temporary path)``, then rename it over ``path``; on failure remove it."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -1215,13 +1213,7 @@ def _save_png(grid: np.ndarray, path: Path, scale: int | None = None, pad: int =
     img = (np.clip(canvas, 0, 1) * 255).round().astype(np.uint8)
     img = np.repeat(np.repeat(img, scale, 0), scale, 1)
     image = Image.fromarray(img[..., 0] if c == 1 else img)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _replace_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # --- the old pickle checkpoints --------------------------------------------------------------

@@ -117,6 +117,9 @@ def test_the_parser_is_the_configuration():
     config = from_arguments(TrainConfig, args)
     assert config.seed == 3 and config.model.seed == 3  # one --seed sets both
     assert config.model == GlowConfig(lu=False, learn_top=False, seed=3, alpha=None)
+    for devices, expected in (("all", "all"), ("2", 2)):
+        args = parser.parse_args(["train", "--devices", devices])
+        assert from_arguments(TrainConfig, args).devices == expected
 
 
 def test_a_new_option_is_one_field():
