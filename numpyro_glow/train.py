@@ -874,8 +874,9 @@ class Trainer:
 # --- the run folder ----------------------------------------------------------------------
 class RunFolder:
     """The output folder of a run, which never loses work: it refuses to start a
-    run where one exists unless told to ``resume`` it or ``overwrite`` it, and
-    on failure removes the folders it created if they are still empty."""
+    run where one exists unless told to ``resume`` it or ``overwrite`` it; a
+    new run that fails before it wrote a checkpoint or an evaluation leaves
+    no file and no folder behind."""
 
     def __init__(self, path: Path, *, resume: bool, overwrite: bool, primary: bool = True):
         if resume and overwrite:
@@ -903,8 +904,9 @@ class RunFolder:
     def __exit__(self, kind, error, tb) -> None:
         if kind is None:
             return
-        if self.primary and not self.resume and self.saved_step is None:
-            self.metrics.unlink(missing_ok=True)  # a new run that saved nothing leaves nothing
+        fresh = self.primary and not self.resume and self.saved_step is None
+        if fresh and self.metrics.is_file() and not self.metrics.stat().st_size:
+            self.metrics.unlink()  # a new run that recorded nothing leaves nothing
         for folder in self._created:  # deepest first
             try:
                 folder.rmdir()  # only if empty
