@@ -1,6 +1,6 @@
 """Inpainting digits with a trained Glow as the prior, by NUTS in white-noise space.
 
-Train the prior first (``numpyro-glow train`` writes ``runs/digits/checkpoint.pkl``),
+Train the prior first (``numpyro-glow train`` writes ``runs/digits/best.npz``),
 then run ``python examples/inpainting.py``. The script takes a test-set digit
 (never seen in training), hides part of it (``--mask``: the bottom half, the
 right half, or a random 75% of the pixels; blue in the figure), and observes the rest through
@@ -137,7 +137,7 @@ def figure(truth, observed, mask, mean, sd, draws, out: Path) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", default="runs/digits/checkpoint.pkl")
+    p.add_argument("--checkpoint", default="runs/digits/best.npz")
     p.add_argument("--index", type=int, default=0, help="which test-set digit")
     p.add_argument("--mask", default="bottom", choices=["bottom", "right", "random"])
     p.add_argument("--noise", type=float, default=0.05, help="sd of the observation noise")

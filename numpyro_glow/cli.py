@@ -1,155 +1,160 @@
-"""``numpyro-glow train | sample | evaluate``: the density model from the shell."""
+"""``numpyro-glow train | sample | evaluate | convert-checkpoint``: the density model
+from the shell.
+
+Every option is a field of a configuration dataclass (:class:`~numpyro_glow.train.TrainConfig`
+and :class:`~numpyro_glow.train.GlowConfig` for ``train``, the small classes below
+for the rest); the parser is generated from the fields by
+:mod:`numpyro_glow.options`, and the values are checked before anything is read,
+compiled or written. Errors end the command with exit status 2 and one line
+naming the option or file; Ctrl-C (exit 130) and SIGTERM (exit 143) stop a
+run, keeping its last checkpoint.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import contextlib
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["main"]
+from . import __version__
+from .options import POSITIVE, Validated, add_arguments, at_least, from_arguments, option
 
-DATA_HELP = (
-    "digits (scikit-learn's 8x8 digits, embedded), mnist:DIR, cifar10:DIR, npz:PATH or folder:DIR"
-)
+__all__ = [
+    "ConvertOptions",
+    "DistributedOptions",
+    "EvaluateOptions",
+    "RunOptions",
+    "SampleOptions",
+    "main",
+]
 
 
-def _devices(text: str) -> int | str:
-    """``--devices``: a positive integer or ``all``."""
-    if text == "all":
-        return text
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
-    return int(text)
+@dataclass(frozen=True)
+class RunOptions(Validated):
+    """What ``train`` does with an output folder that already holds a run."""
+
+    resume: bool = option(False, "continue the run in --out from its checkpoint.npz")
+    overwrite: bool = option(False, "replace the run in --out (its files are deleted)")
+
+
+@dataclass(frozen=True)
+class DistributedOptions(Validated):
+    """Several processes (hosts): see the docs page 'Several devices'."""
+
+    distributed: bool = option(
+        False, "call jax.distributed.initialize() first: one process per host, same command"
+    )
+    coordinator_address: str | None = option(
+        None, "HOST:PORT of process 0 (--distributed)", metavar="HOST:PORT"
+    )
+    num_processes: int | None = option(
+        None, "number of processes (--distributed)", check=at_least(1)
+    )
+    process_id: int | None = option(None, "0 .. N-1 (--distributed)", check=at_least(0))
+
+
+@dataclass(frozen=True)
+class SampleOptions(Validated):
+    """``numpyro-glow sample``."""
+
+    checkpoint: str = option("", "checkpoint.npz or best.npz of a run", flag="checkpoint")
+    out: str = option("samples.png", "the PNG to write")
+    temperature: tuple[float, ...] = option(
+        (0.7,), "temperatures, one row of samples each", check=POSITIVE
+    )
+    num: int = option(10, "images per temperature", check=at_least(1))
+    label: int | None = option(
+        None, "class to sample (class-conditional checkpoints; default 0)", check=at_least(0)
+    )
+    seed: int = option(0, "seed of the draws", check=at_least(0))
+
+
+@dataclass(frozen=True)
+class EvaluateOptions(Validated):
+    """``numpyro-glow evaluate``."""
+
+    checkpoint: str = option("", "checkpoint.npz or best.npz of a run", flag="checkpoint")
+    data: str | None = option(
+        None, "data to evaluate on (default: the data the checkpoint trained on)", metavar="SPEC"
+    )
+
+
+@dataclass(frozen=True)
+class ConvertOptions(Validated):
+    """``numpyro-glow convert-checkpoint``."""
+
+    source: str = option("", "the checkpoint.pkl of numpyro-glow 0.1", flag="source")
+    out: str | None = option(
+        None, "folder for checkpoint.npz and best.npz (default: the pickle's folder)"
+    )
+    trust_pickle: bool = option(
+        False, "required: loading a pickle runs any code in it; say that you trust the file"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _versions() -> str:
+    import jax
+    import numpyro
+
+    return f"numpyro-glow {__version__} (jax {jax.__version__}, numpyro {numpyro.__version__})"
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .train import GlowConfig, TrainConfig
+    from .train import TrainConfig
 
-    t, g = TrainConfig(), GlowConfig()
-    p = argparse.ArgumentParser(prog="numpyro-glow", description="Glow densities on images.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="numpyro-glow", description="Glow densities on images.")
+    p.add_argument("--version", action="version", version=_versions())
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    tr = sub.add_parser("train", help="train a Glow; writes checkpoint, metrics and samples")
-    tr.add_argument("--data", default=t.data, help=DATA_HELP)
-    tr.add_argument("--out", default=None, help="output folder (default runs/<data name>)")
-    tr.add_argument("--steps", type=int, default=t.steps)
-    tr.add_argument("--batch-size", type=int, default=t.batch_size)
-    tr.add_argument("--learning-rate", type=float, default=t.learning_rate)
-    tr.add_argument("--warmup-steps", type=int, default=t.warmup_steps)
-    tr.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    tr.add_argument("--grad-clip", type=float, default=t.grad_clip)
-    tr.add_argument("--ema-decay", type=float, default=t.ema_decay)
-    tr.add_argument(
-        "--dequantization", choices=["uniform", "variational"], default=t.dequantization
-    )
-    tr.add_argument("--validation-size", type=float, default=t.validation_size)
-    tr.add_argument("--eval-every", type=int, default=t.eval_every)
-    tr.add_argument("--checkpoint-every", type=int, default=t.checkpoint_every)
-    tr.add_argument("--patience", type=int, default=t.patience)
-    tr.add_argument("--seed", type=int, default=t.seed)
-    tr.add_argument("--levels", type=int, default=g.levels)
-    tr.add_argument("--depth", type=int, default=g.depth)
-    tr.add_argument("--hidden-channels", type=int, default=g.hidden_channels)
-    tr.add_argument("--coupling", choices=["affine", "additive"], default=g.coupling)
-    tr.add_argument("--dropout", type=float, default=g.dropout, help="in the coupling nets")
-    tr.add_argument("--dense", action="store_true", help="dense 1x1 convolution weight, not LU")
-    tr.add_argument("--no-learn-top", action="store_true")
-    tr.add_argument("--conditional", action="store_true", help="class-conditional top prior")
-    tr.add_argument(
-        "--reversible",
-        action="store_true",
-        help="recompute activations through the inverse in the backward pass (less memory)",
-    )
-    tr.add_argument(
-        "--precision",
-        choices=["float32", "bfloat16"],
-        default=g.precision,
-        help="bfloat16: mixed-precision coupling convolutions, float32 log-determinants",
-    )
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
-    tr.add_argument("--no-progress", action="store_true")
-    par = tr.add_argument_group("several devices (see the docs page 'Several devices')")
-    par.add_argument(
-        "--devices",
-        type=_devices,
-        default=t.devices,
-        help="split each batch over the first N of jax.devices(), or 'all' (default: one; "
-        "with --distributed: all); the batch size must be a multiple of the device count",
-    )
-    par.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() first: one process per host, same command",
-    )
-    par.add_argument(
-        "--coordinator-address", default=None, help="HOST:PORT of process 0 (--distributed)"
-    )
-    par.add_argument("--num-processes", type=int, default=None, help="(--distributed)")
-    par.add_argument("--process-id", type=int, default=None, help="0 .. N-1 (--distributed)")
+    tr = sub.add_parser("train", help="train a Glow; writes checkpoints, metrics and samples")
+    add_arguments(tr, TrainConfig)
+    add_arguments(tr, RunOptions)
+    add_arguments(tr.add_argument_group("several processes"), DistributedOptions)
 
     sa = sub.add_parser("sample", help="draw a PNG grid of samples from a checkpoint")
-    sa.add_argument("checkpoint")
-    sa.add_argument("--out", default="samples.png")
-    sa.add_argument("--temperature", type=float, nargs="+", default=[0.7])
-    sa.add_argument("--num", type=int, default=10, help="images per temperature")
-    sa.add_argument("--label", type=int, default=None, help="class (conditional models)")
-    sa.add_argument("--seed", type=int, default=0)
-
+    add_arguments(sa, SampleOptions)
     ev = sub.add_parser("evaluate", help="test-set bits per dimension of a checkpoint")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--data", default=None, help="default: the data the checkpoint trained on")
+    add_arguments(ev, EvaluateOptions)
+    cv = sub.add_parser(
+        "convert-checkpoint", help="convert a trusted checkpoint.pkl (numpyro-glow 0.1) to .npz"
+    )
+    add_arguments(cv, ConvertOptions)
     return p
 
 
-def _train(args) -> int:
-    if args.distributed:  # before anything touches a device
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, default_out_dir, train
+
+    run = from_arguments(RunOptions, args)
+    multi = from_arguments(DistributedOptions, args)
+    devices = args.devices if args.devices is not None or not multi.distributed else "all"
+    config = from_arguments(TrainConfig, args, devices=devices)
+    if multi.distributed:  # before anything touches a device
         import jax
 
         jax.distributed.initialize(
-            coordinator_address=args.coordinator_address,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
+            coordinator_address=multi.coordinator_address,
+            num_processes=multi.num_processes,
+            process_id=multi.process_id,
         )
-        if args.devices is None:
-            args.devices = "all"
-    from .train import GlowConfig, TrainConfig, train
-
-    name = args.data.split(":", 1)[0]
-    config = TrainConfig(
-        data=args.data,
-        out_dir=args.out or str(Path("runs") / name),
-        model=GlowConfig(
-            levels=args.levels,
-            depth=args.depth,
-            hidden_channels=args.hidden_channels,
-            coupling=args.coupling,
-            lu=not args.dense,
-            learn_top=not args.no_learn_top,
-            conditional=args.conditional,
-            dropout=args.dropout,
-            seed=args.seed,
-            reversible=args.reversible,
-            precision=args.precision,
-        ),
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-        dequantization=args.dequantization,
-        validation_size=args.validation_size,
-        eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every,
-        patience=args.patience,
-        seed=args.seed,
-        progress=not args.no_progress,
-        devices=args.devices,
-    )
-    summary = train(config, resume=args.resume)
+    out = config.out_dir or default_out_dir(config.data)
+    try:
+        summary = train(config, resume=run.resume, overwrite=run.overwrite)
+    except KeyboardInterrupt:
+        print(f"numpyro-glow train: stopped; {_last_checkpoint(Path(out))}", file=sys.stderr)
+        raise
     print(
         f"test bits/dim {summary['test_bpd']:.4f} ({summary['dequantization']} "
         f"dequantization; {summary['test_bpd_uniform_dequantization']:.4f} with uniform), "
@@ -162,81 +167,125 @@ def _train(args) -> int:
     return 0
 
 
-def _restore(path: str, data_spec: str | None = None, need_data: bool = True):
-    """A trainer, the best parameters and the data splits of a checkpoint.
+def _last_checkpoint(out: Path) -> str:
+    from .checkpoint import read_metadata
+    from .train import CHECKPOINT
 
-    With ``need_data=False`` (sampling) no data are read: the trainer is built on a
-    placeholder with the checkpoint's image shape, levels and classes.
-    """
+    path = out / CHECKPOINT
+    try:
+        step = read_metadata(path)["step"]
+    except (OSError, ValueError, KeyError):
+        return f"no checkpoint in {out}"
+    return f"the last checkpoint is {path} (step {step}); continue with --resume"
+
+
+def _checked_label(label: int | None, num_classes: int | None) -> int | None:
+    if label is None:
+        return None
+    if num_classes is None:
+        raise ValueError("--label needs a class-conditional checkpoint (trained --conditional)")
+    if not 0 <= label < num_classes:
+        raise ValueError(f"--label: expected a class in [0, {num_classes}), got {label}")
+    return label
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import jax
     import numpy as np
 
-    from .data import ImageData, Splits, load, train_validation_split
-    from .train import TrainConfig, Trainer, load_checkpoint
+    from .train import _save_png, load_model
 
-    state = load_checkpoint(path)
-    # evaluating and sampling run on one device, whatever the training used
-    config = dataclasses.replace(TrainConfig.from_dict(state["config"]), devices=None)
-    meta = state["data"]
-    shape, levels, classes = tuple(meta["event_shape"]), meta["levels"], meta["num_classes"]
-    if not need_data:
-        y = None if classes is None else np.arange(classes, dtype=np.int32)
-        n = 1 if classes is None else classes
-        stub = ImageData(
-            np.zeros((n, *shape), np.uint8 if levels <= 256 else np.int32), y, levels, "checkpoint"
-        )
-        return Trainer(config, stub, stub, classes), state["best"]["params"], Splits(stub, stub)
-    if data_spec is not None:
-        config = dataclasses.replace(config, data=data_spec)
-    splits = load(config.data, seed=config.seed)
+    opts = from_arguments(SampleOptions, args)
+    density, params, _ = load_model(opts.checkpoint)
+    label = _checked_label(opts.label, density.num_classes)
+    rows = [
+        density.sample(params, jax.random.PRNGKey(opts.seed + i), opts.num, t, label=label)
+        for i, t in enumerate(opts.temperature)
+    ]
+    _save_png(np.stack(rows), Path(opts.out))
+    print(f"samples: {opts.out}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import jax
+
+    from .checkpoint import dumps
+    from .data import load
+    from .train import TrainConfig, load_model
+
+    opts = from_arguments(EvaluateOptions, args)
+    density, params, meta = load_model(opts.checkpoint)
+    config = TrainConfig.from_dict(meta["config"])
+    spec = opts.data or config.data
+    splits = load(spec, seed=config.seed)
+    shape, levels = density.event_shape, density.info.levels
     found = (tuple(splits.test.x.shape[1:]), splits.test.levels)
     if found != (shape, levels):
         raise ValueError(
-            f"{config.data}: the checkpoint {path} models images of shape {shape} with "
+            f"{spec}: the checkpoint {opts.checkpoint} models images of shape {shape} with "
             f"{levels} levels; the data have shape {found[0]} with {found[1]} levels"
         )
+    classes = density.num_classes
     if classes is not None and (splits.test.y is None or int(splits.test.y.max()) >= classes):
         raise ValueError(
-            f"{config.data}: the checkpoint {path} is conditional on {classes} classes; "
+            f"{spec}: the checkpoint {opts.checkpoint} is conditional on {classes} classes; "
             "the test data have no labels or labels outside that range"
         )
-    parts = train_validation_split(splits.train, config.validation_size, config.seed)
-    trainer = Trainer(config, parts.train, parts.test, classes)
-    return trainer, state["best"]["params"], splits
-
-
-def _sample(args) -> int:
-    import jax
-    import numpy as np
-
-    from .train import _save_png
-
-    trainer, params, _ = _restore(args.checkpoint, need_data=False)
-    if args.label is not None and trainer.num_classes is None:
-        raise ValueError("--label needs a class-conditional checkpoint (trained --conditional)")
-    rows = [
-        trainer.sample(params, jax.random.PRNGKey(args.seed + i), args.num, t, label=args.label)
-        for i, t in enumerate(args.temperature)
-    ]
-    _save_png(np.stack(rows), Path(args.out))
-    print(f"samples: {args.out}")
+    bpd = density.bits_per_dim(params, splits.test, jax.random.PRNGKey(11))
+    print(dumps({"test_bpd": bpd, "test_images": len(splits.test.x)}))
     return 0
 
 
-def _evaluate(args) -> int:
-    import jax
+def _convert(args: argparse.Namespace) -> int:
+    from .train import convert_checkpoint
 
-    trainer, params, splits = _restore(args.checkpoint, args.data)
-    bpd = trainer.bits_per_dim(params, splits.test, jax.random.PRNGKey(11))
-    print(json.dumps({"test_bpd": bpd, "test_images": len(splits.test.x)}))
+    opts = from_arguments(ConvertOptions, args)
+    target = convert_checkpoint(opts.source, opts.out, trust_pickle=opts.trust_pickle)
+    print(f"checkpoint: {target}")
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program runs so that it stops as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+HANDLERS = {
+    "train": _train,
+    "sample": _sample,
+    "evaluate": _evaluate,
+    "convert-checkpoint": _convert,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``numpyro-glow`` command."""
     args = _parser().parse_args(argv)
-    handler = {"train": _train, "sample": _sample, "evaluate": _evaluate}[args.command]
     try:
-        return handler(args)
+        with _sigterm_stops():
+            return HANDLERS[args.command](args)
+    except Terminated:
+        print(f"numpyro-glow {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print(f"numpyro-glow {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (OSError, ValueError, FloatingPointError, ImportError) as e:
         print(f"numpyro-glow {args.command}: error: {e}", file=sys.stderr)
         return 2

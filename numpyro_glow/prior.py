@@ -19,10 +19,8 @@ a standard normal) rather than the density of :math:`x`.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -40,23 +38,22 @@ def load_glow(
 ) -> FlowDistribution:
     """The Glow of a ``numpyro-glow train`` checkpoint, ready to use as a prior::
 
-        prior = numpyro_glow.load_glow("runs/digits/checkpoint.pkl")
+        prior = numpyro_glow.load_glow("runs/digits/best.npz")
 
-    The parameters are the checkpoint's best ones (the parameter average at the
-    best validation score), fixed: a model that samples from ``prior`` does not
+    ``path`` is a run's ``best.npz`` or ``checkpoint.npz``; either way the
+    parameters are the best ones (the parameter average at the best
+    validation score), fixed: a model that samples from ``prior`` does not
     train them. Dropout is off. ``temperature`` scales the base normal;
-    ``label`` picks the class of a class-conditional checkpoint (required there,
-    refused otherwise). ``FileNotFoundError``/``ValueError`` name the file if it
-    is missing or not a checkpoint.
+    ``label`` picks the class of a class-conditional checkpoint (required
+    there, refused otherwise). The file is read without pickle and checked
+    against the model its configuration builds
+    (:func:`numpyro_glow.train.load_model`): ``FileNotFoundError`` if it is
+    missing, ``ValueError`` naming the file otherwise.
     """
-    from numpyro.handlers import seed, substitute
+    from .train import load_model
 
-    from .train import TrainConfig, glow_from_config, load_checkpoint
-
-    state = load_checkpoint(path)
-    config = TrainConfig.from_dict(state["config"])
-    shape = tuple(state["data"]["event_shape"])
-    classes = state["data"]["num_classes"]
+    density, params, _ = load_model(path)
+    classes = density.num_classes
     if classes is None and label is not None:
         raise ValueError(f"{path}: the checkpoint is not class-conditional; got label={label}")
     if classes is not None and (label is None or not 0 <= int(label) < classes):
@@ -65,9 +62,7 @@ def load_glow(
             f"label in [0, {classes}), got {label}"
         )
     y = None if label is None else jnp.asarray(label, jnp.int32)
-    model = dataclasses.replace(config.model, dropout=0.0)
-    params = jax.tree.map(jnp.asarray, state["best"]["params"])
-    return substitute(seed(glow_from_config, 0), params)(model, shape, classes, y, temperature)
+    return density.density(params, temperature, y)
 
 
 def inpainting_model(

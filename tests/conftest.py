@@ -1,10 +1,18 @@
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # tests/cases.py is shared by the test modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+# a tiny Glow for the command line, on small_npz: the model and every array shape of
+# test_train.py's runs on small_data, so all of them share one compiled model
+# (numpyro_glow.train.Density.of)
+TINY_ARGS = ["--levels", "1", "--depth", "1", "--hidden-channels", "4", "--no-progress"]
+TINY_ARGS += ["--dequantization", "uniform", "--batch-size", "8", "--validation-size", "0.25"]
+TINY_ARGS += ["--eval-every", "2", "--checkpoint-every", "2"]
 
 
 @pytest.fixture(scope="session")
@@ -26,4 +34,40 @@ def digits_checkpoint(tmp_path_factory):
         progress=False,
     )
     train(config)
-    return out / "checkpoint.pkl"
+    return out / "checkpoint.npz"
+
+
+@pytest.fixture(scope="session")
+def small_data():
+    """60 random 4x4 'images' with 5 levels and 3 classes: fast to train on."""
+    from numpyro_glow.data import ImageData, Splits
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(60, 4, 4, 1)).astype(np.uint8)
+    y = rng.integers(0, 3, size=60).astype(np.int32)
+    train_part = ImageData(x[:48], y[:48], 5, "small")
+    test_part = ImageData(x[48:], y[48:], 5, "small")
+    return Splits(train_part, test_part)
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory, small_data):
+    """The same images as an ``npz:`` data set (same shape and levels, so the same
+    compiled model)."""
+    path = tmp_path_factory.mktemp("data") / "small.npz"
+    x = np.concatenate([small_data.train.x, small_data.test.x])
+    y = np.concatenate([small_data.train.y, small_data.test.y])
+    np.savez(path, x=x, y=y, levels=np.int64(5))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_npz):
+    """A run of ``numpyro-glow train`` on ``small_npz``: 4 steps, evaluated and
+    checkpointed every 2. Tests copy its files; none may change them."""
+    from numpyro_glow import cli
+
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    args = ["train", "--data", f"npz:{small_npz}", "--out", str(out), "--steps", "4"]
+    assert cli.main([*args, *TINY_ARGS]) == 0
+    return out

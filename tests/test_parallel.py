@@ -36,14 +36,16 @@ SCRIPT = textwrap.dedent(
     for devices in (None, 4):
         config = TrainConfig(model=model, batch_size=16, dequantization="uniform", devices=devices)
         trainer = Trainer(config, train_part, val)
-        state = trainer.init()
+        density = trainer.density
+        state = trainer.init_state()
         losses, shards = [], []
         for step in range(6):
-            k, y = trainer.batch(step)
+            k, y = trainer.batch(step)  # on one device: NumPy, transferred by the step
+            k = jax.device_put(k) if devices is None else k
             shards.append(len(k.addressable_shards))
-            state, loss = trainer._update(state._replace(rng_key=trainer.step_key(step)), k, y)
-            losses.append(float(loss))
-        params = trainer.svi.get_params(state)
+            state = trainer.step(state, k, y)
+            losses.append(float(state.loss))
+        params = density.svi.get_params(state.svi)
         n = 1 if devices is None else devices
         out[str(devices)] = {
             "losses": losses,
@@ -52,10 +54,11 @@ SCRIPT = textwrap.dedent(
             "shard_shape": list(k.addressable_shards[0].data.shape),
             "state_replicated": all(
                 a.sharding.is_fully_replicated and len(a.sharding.device_set) == n
-                for a in jax.tree.leaves(state)
+                for a in jax.tree.leaves((state.svi, state.ema, state.best, state.step))
             ),
-            "validation_bpd": trainer.bits_per_dim(params, val, jax.random.PRNGKey(7), batch=16),
-            "odd_chunk_replicated": trainer.place(val.x[:6])[0].sharding.is_fully_replicated,
+            "validation_bpd": density.bits_per_dim(params, val, jax.random.PRNGKey(7), batch=16),
+            "odd_chunk_replicated": devices is not None
+            and density.place(val.x[:6])[0].sharding.is_fully_replicated,
         }
     try:
         Trainer(TrainConfig(model=model, batch_size=18, devices=4), train_part, val)

@@ -38,18 +38,21 @@ def test_load_glow_is_a_fixed_prior(prior, digits_checkpoint):
 
     trace = handlers.trace(handlers.seed(model, 0)).get_trace()
     assert [s["type"] for s in trace.values()] == ["sample"]  # no param sites: fixed
-    # the trained (best) parameters, not a fresh init: a second load is identical
+    # the trained (best) parameters, not a fresh init: a second load is identical,
+    # and so is the run's best.npz
     again = load_glow(digits_checkpoint)
     assert np.allclose(log_prob(prior, x), log_prob(again, x))
+    best = load_glow(digits_checkpoint.with_name("best.npz"))
+    assert np.array_equal(log_prob(prior, x), log_prob(best, x))
     # temperature scales the base
     cold = load_glow(digits_checkpoint, temperature=0.5)
     assert np.allclose(cold.base_dist.variance, 0.25)
 
 
 def test_load_glow_errors(digits_checkpoint, tmp_path):
-    # missing and corrupt files: load_checkpoint's errors (tests/test_train.py)
-    with pytest.raises(FileNotFoundError, match="missing.pkl"):
-        load_glow(tmp_path / "missing.pkl")
+    # missing and corrupt files: tests/test_checkpoint.py
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        load_glow(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="not class-conditional"):
         load_glow(digits_checkpoint, label=3)
 
