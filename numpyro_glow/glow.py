@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from jax import Array
@@ -229,7 +230,8 @@ def _plan(
         batch_shape = y.shape
     elif y is not None:
         raise ValueError("glow: y was given but num_classes is None")
-    if not temperature > 0:
+    if not isinstance(temperature, jax.core.Tracer) and not np.all(np.asarray(temperature) > 0):
+        # a traced temperature (sampling under jit) is the caller's to check
         raise ValueError(f"glow: expected temperature > 0, got {temperature}")
     if init_data is not None:
         init_data = jnp.asarray(init_data, jnp.float32)
