@@ -35,6 +35,7 @@ from .transforms import (
     Inv1x1ConvLU,
     Logitify,
     Scan,
+    SplineCoupling,
     Split,
     Squeeze,
     rotation_constants,
@@ -88,6 +89,9 @@ class CouplingKind:
 
 
 #: The coupling kinds :func:`glow` and :func:`glow_step` accept, by name.
+#: Bins of the ``"spline"`` coupling of :func:`glow`.
+SPLINE_BINS = 8
+
 COUPLINGS: dict[str, CouplingKind] = {
     "affine": CouplingKind(
         width=lambda c_b: 2 * c_b,
@@ -98,6 +102,13 @@ COUPLINGS: dict[str, CouplingKind] = {
     "additive": CouplingKind(
         width=lambda c_b: c_b,
         make=lambda net, params, event_dim, scale: AdditiveCoupling(net, params, event_dim),
+    ),
+    # rational-quadratic spline on [-4, 4] with 8 bins (the scale option is affine-only)
+    "spline": CouplingKind(
+        width=lambda c_b: (3 * SPLINE_BINS - 1) * c_b,
+        make=lambda net, params, event_dim, scale: SplineCoupling(
+            net, params, event_dim, num_bins=SPLINE_BINS
+        ),
     ),
 }
 
@@ -297,7 +308,7 @@ def glow(
     class-conditional prior (``num_classes``; ``y`` holds integer labels, one per
     image) are an :class:`ActNorm` with full-shape parameters at the bottom of the
     last level. ``coupling`` names an entry of :data:`COUPLINGS` (``"affine"``,
-    ``"additive"``). Every argument is checked before any parameter is
+    ``"additive"``, ``"spline"``). Every argument is checked before any parameter is
     registered; a bad one raises ``ValueError``.
 
     **Data-dependent initialisation.** Pass the batch the model observes (in

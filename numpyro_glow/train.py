@@ -51,7 +51,7 @@ from . import checkpoint, nets, parallel
 from .data import ImageData, Splits, train_validation_split
 from .data import load as load_data
 from .distribution import FlowDistribution
-from .glow import glow, num_parameters
+from .glow import COUPLINGS, glow, num_parameters
 from .options import POSITIVE, Check, Validated, at_least, between, option
 from .transforms import AffineCoupling, Chain, Inv1x1Conv, Squeeze, random_rotation
 
@@ -116,7 +116,7 @@ class GlowConfig(Validated):
     hidden_channels: int = option(
         64, "hidden channels of each coupling's convolutional net", check=at_least(1)
     )
-    coupling: str = option("affine", "coupling layer", choices=("affine", "additive"))
+    coupling: str = option("affine", "coupling layer", choices=tuple(COUPLINGS))
     lu: bool = option(
         True, "a dense 1x1 convolution weight instead of the LU-factored one", flag="--dense"
     )

@@ -25,7 +25,12 @@ OPTIONS = {
     "additive_lu_L2_classes_notop": dict(
         levels=2, coupling="additive", learn_top=False, num_classes=2
     ),
+    "spline_lu_L1_top": dict(levels=1, coupling="spline", lu=True),
 }
+# A spline flow nudged by 0.2 is so ill-conditioned that the float32 autodiff
+# Jacobian of the brute-force check is off by 0.1 nats (float64 agrees with the
+# fused log_prob to 3e-4), so its nudge is milder.
+NUDGE = {"spline_lu_L1_top": 0.05}
 
 
 def _make(options, y=None, **extra):
@@ -61,7 +66,7 @@ def built(request):
     options = OPTIONS[request.param]
     y = jnp.array([0, 1]) if options.get("num_classes") else None
     model = _make(options, y)
-    params = _perturbed_params(model)
+    params = _perturbed_params(model, NUDGE.get(request.param, 0.2))
     d = handlers.substitute(model, params)()
     # one image's flow each: with classes, the flow of that image's label
     labels = [None, None] if y is None else [y[0], y[1]]
