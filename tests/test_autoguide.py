@@ -9,9 +9,8 @@ import numpyro
 import numpyro.distributions as dist
 import pytest
 from numpyro.infer import MCMC, NUTS, SVI, Predictive, Trace_ELBO
-from numpyro.infer.reparam import NeuTraReparam
-
 from numpyro.infer.autoguide import AutoMultivariateNormal
+from numpyro.infer.reparam import NeuTraReparam
 
 from numpyro_glow import AutoGlow
 from numpyro_glow.autoguide import coupling_masks
