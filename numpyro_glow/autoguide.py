@@ -25,6 +25,9 @@ __all__ = ["AutoGlow", "coupling_masks"]
 
 _COUPLINGS = ("affine", "spline")
 
+#: The conditioners' last layer enters multiplied by ``min(1, OUTPUT_SCALE_WIDTH / width)``.
+OUTPUT_SCALE_WIDTH = 10.0
+
 
 def coupling_masks(dim: int, num_flows: int) -> np.ndarray:
     r"""The ``(num_flows, dim)`` coupling masks of :class:`AutoGlow`: 1 where a
@@ -72,6 +75,10 @@ class AutoGlow(AutoContinuous):
     bounded to :math:`(-3, 1)` (a step may contract a lot but expands by at
     most :math:`e`, so deep stacks do not diverge), or a rational-quadratic
     spline (``coupling="spline"``, :class:`~numpyro_glow.SplineCoupling`).
+    The linear maps' off-diagonal parameters enter divided by the dimension and
+    the conditioners' last layers multiplied by ``min(1, 10 / width)``, so that
+    one optimiser step changes each map by about the learning rate whatever the
+    size, and 16 steps train at Adam's usual learning rates.
     :math:`L` is lower triangular, parametrised and initialised as in
     :class:`~numpyro.infer.autoguide.AutoMultivariateNormal`. Every step starts
     as the identity, so at initialisation the guide *is*
@@ -113,7 +120,7 @@ class AutoGlow(AutoContinuous):
         *,
         prefix: str = "auto",
         init_loc_fn=init_to_uniform,
-        num_flows: int = 8,
+        num_flows: int = 16,
         hidden_dims: Sequence[int] | None = None,
         coupling: str = "affine",
         num_bins: int = 8,
@@ -192,9 +199,17 @@ class AutoGlow(AutoContinuous):
             }
 
         p = numpyro.param(f"{self.prefix}_glow_steps", init_steps)
+        # Adam moves every parameter by about the learning rate per step, all d of
+        # a row (or all `width` weights into an output) in the same direction at
+        # first; dividing by d (by the width) keeps each step's change to the map
+        # of the order of the learning rate at any size, so 16 steps do not blow up.
+        scale = min(1.0, OUTPUT_SCALE_WIDTH / hidden[-1])
+        net = [*p["net"][:-1], jax.tree.map(lambda a: a * scale, p["net"][-1])]
         identity = jnp.broadcast_to(jnp.arange(d), (k, d))
-        linear = Inv1x1ConvLU(identity, p["lower"], p["upper"], p["log_s"], jnp.ones((k, d)), 1)
-        steps = Scan(Chain([linear, self._coupling(p["net"], masks)]), unroll=1)
+        linear = Inv1x1ConvLU(
+            identity, p["lower"] / d, p["upper"] / d, p["log_s"], jnp.ones((k, d)), 1
+        )
+        steps = Scan(Chain([linear, self._coupling(net, masks)]), unroll=1)
         loc = numpyro.param(f"{self.prefix}_loc", self._init_latent)
         scale_tril = numpyro.param(
             f"{self.prefix}_scale_tril",
