@@ -31,6 +31,9 @@ Two protocols, each over ``--seeds`` (the tables give medians):
   wall time: AutoGlow's number of steps is the flowjax flow's training time
   divided by AutoGlow's measured time per step. Compilation is timed apart
   and not counted on either side. Needs ``pip install flowjax``.
+- ``ablation`` (not run by default): AutoGlow's defaults with one choice
+  changed at a time (``ABLATION``: sticking the landing off, 8 steps instead
+  of 16, spline couplings; one and 16 particles per step), ``--steps`` steps.
 
 Every ELBO is estimated afterwards from ``--eval-particles`` draws of the
 fitted guide (higher is better; at most log Z).
@@ -190,6 +193,7 @@ def make_problems() -> dict[str, Problem]:
     }
 
 
+PROTOCOLS = ("default", "recipe", "ablation")
 PROBLEMS = ("funnel", "banana", "two_modes", "eight_schools", "logistic", "hierarchical50")
 
 
@@ -325,6 +329,31 @@ def run_recipe(problem: Problem, args, seed: int, log) -> dict:
     return rows
 
 
+#: The ablation protocol: AutoGlow's defaults with one choice changed at a time
+#: (guide keyword arguments, particles per step), one-sample and recipe.
+ABLATION = {
+    "AutoGlow": ({}, 1),
+    "AutoGlow, no STL": ({"stick_the_landing": False}, 1),
+    "AutoGlow, 8 steps": ({"num_flows": 8}, 1),
+    "AutoGlow, spline": ({"coupling": "spline"}, 1),
+    "AutoGlow, 16 particles": ({}, 16),
+    "AutoGlow, 16 particles, no STL": ({"stick_the_landing": False}, 16),
+    "AutoGlow, 16 particles, spline": ({"coupling": "spline"}, 16),
+}
+
+
+def run_ablation(problem: Problem, args, seed: int, log) -> dict:
+    rows = {}
+    for name, (kwargs, particles) in ABLATION.items():
+        for steps in args.steps:
+            guide = AutoGlow(problem.model, **kwargs)
+            params, timing = fit_svi(problem.model, guide, steps, particles, seed)
+            row = {"elbo": elbo(problem.model, guide, params, args.eval_particles), **timing}
+            rows[f"ablation: {name} @ {steps}"] = row
+            log(name, steps, row)
+    return rows
+
+
 def main(args: argparse.Namespace) -> dict:
     problems = make_problems()
     results: dict = {"args": vars(args), "log_z": {}, "runs": {}}
@@ -347,6 +376,8 @@ def main(args: argparse.Namespace) -> dict:
                 runs.update(run_default(problem, args, seed, log))
             if "recipe" in args.protocols:
                 runs.update(run_recipe(problem, args, seed, log))
+            if "ablation" in args.protocols:
+                runs.update(run_ablation(problem, args, seed, log))
             results["runs"].setdefault(problem_name, {})[str(seed)] = runs
             if args.out:  # after every seed, so a long run keeps what it has
                 with open(args.out, "w") as f:
@@ -390,7 +421,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     p.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES))
-    p.add_argument("--protocols", nargs="+", default=["default", "recipe"])
+    p.add_argument("--protocols", nargs="+", default=["default", "recipe"], choices=PROTOCOLS)
     p.add_argument("--steps", nargs="+", type=int, default=[3000, 10000])
     p.add_argument("--flowjax", nargs="+", default=list(FLOWJAX), choices=list(FLOWJAX))
     p.add_argument("--flowjax-steps", type=int, default=3000)
