@@ -151,7 +151,11 @@ class AutoGlow(AutoContinuous):
 
     def _setup_prototype(self, *args, **kwargs):
         with handlers.block():  # a private look at the model's sites
-            trace = handlers.trace(handlers.seed(self.model, 0)).get_trace(*args, **kwargs)
+            # the init strategy supplies values NumPyro cannot sample (ImproperUniform)
+            model = handlers.substitute(
+                handlers.seed(self.model, 0), substitute_fn=self.init_loc_fn
+            )
+            trace = handlers.trace(model).get_trace(*args, **kwargs)
         discrete = [
             name
             for name, site in trace.items()

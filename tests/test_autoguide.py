@@ -200,6 +200,16 @@ def test_discrete_latent_site_is_refused():
         SVI(model, AutoGlow(model), numpyro.optim.Adam(1e-3), Trace_ELBO()).init(KEY)
 
 
+def test_improper_uniform_site_uses_the_init_strategy():
+    def model():
+        x = numpyro.sample("x", dist.ImproperUniform(dist.constraints.real_vector, (), (2,)))
+        numpyro.factor("normal", -0.5 * jnp.sum(x**2))
+
+    guide = AutoGlow(model, num_flows=2, hidden_dims=(8,))
+    state = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO()).init(KEY)
+    assert guide.latent_dim == 2 and state is not None
+
+
 def test_latent_dimension_one_is_refused():
     def model():
         numpyro.sample("x", dist.Normal(0.0, 1.0))
