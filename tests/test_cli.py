@@ -44,7 +44,7 @@ BAD_TRAIN = [
     (["--levels", "0"], "--levels"),
     (["--temperatures", "0.5", "0"], "--temperatures"),
     (["--devices", "0"], "--devices"),
-    (["--coupling", "spline"], "--coupling"),
+    (["--coupling", "cubic"], "--coupling"),
     (["--alpha", "1"], "--alpha"),
 ]
 
