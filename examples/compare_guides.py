@@ -34,6 +34,8 @@ Two protocols, each over ``--seeds`` (the tables give medians):
 - ``ablation`` (not run by default): AutoGlow's defaults with one choice
   changed at a time (``ABLATION``: sticking the landing off, 8 steps instead
   of 16, spline couplings; one and 16 particles per step), ``--steps`` steps.
+- ``cost`` (not run by default): milliseconds per one-sample step of each
+  guide, compiled once and timed in interleaved rounds (``step_times``).
 
 Every ELBO is estimated afterwards from ``--eval-particles`` draws of the
 fitted guide (higher is better; at most log Z).
@@ -193,7 +195,7 @@ def make_problems() -> dict[str, Problem]:
     }
 
 
-PROTOCOLS = ("default", "recipe", "ablation")
+PROTOCOLS = ("default", "recipe", "ablation", "cost")
 PROBLEMS = ("funnel", "banana", "two_modes", "eight_schools", "logistic", "hierarchical50")
 
 
@@ -371,6 +373,30 @@ def run_ablation(problem: Problem, args, seed: int, log) -> dict:
     return rows
 
 
+def step_times(model, rounds: int = 5, probe: int = 200) -> dict[str, float]:
+    """Milliseconds per one-sample SVI step of each guide with its defaults (and
+    AutoGlow with 8 steps): each guide compiled once, then ``rounds`` rounds of
+    ``probe`` steps per guide, the order rotated every round; the median round."""
+    makers = {**GUIDES, "AutoGlow, 8 steps": lambda m: AutoGlow(m, num_flows=8)}
+    runs = {}
+    for name, make in makers.items():
+        svi = SVI(model, make(model), numpyro.optim.Adam(1e-3), Trace_ELBO())
+        update = jax.jit(svi.update)
+        state, _ = update(svi.init(jax.random.PRNGKey(0)))
+        runs[name] = [update, jax.block_until_ready(state)]
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    names = list(makers)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            update, state = runs[name]
+            t0 = time.perf_counter()
+            for _ in range(probe):
+                state, _ = update(state)
+            runs[name][1] = jax.block_until_ready(state)
+            times[name].append(1e3 * (time.perf_counter() - t0) / probe)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def main(args: argparse.Namespace) -> dict:
     problems = make_problems()
     results: dict = {"args": vars(args), "log_z": {}, "runs": {}}
@@ -378,6 +404,10 @@ def main(args: argparse.Namespace) -> dict:
         problem = problems[problem_name]
         log_z = problem.log_z() if callable(problem.log_z) else problem.log_z
         results["log_z"][problem_name] = log_z
+        if "cost" in args.protocols:
+            ms = step_times(problem.model)
+            results.setdefault("step_ms", {})[problem_name] = ms
+            print(problem_name, "ms per step:", json.dumps(ms), flush=True)
         for seed in args.seeds:
 
             def log(name, steps, row, problem_name=problem_name, seed=seed):
