@@ -434,32 +434,39 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def medians(results: dict) -> dict[str, dict[str, dict[str, float]]]:
-    """Per problem and row: the median ELBO, training seconds and steps over seeds."""
+    """Per problem and row: the median ELBO, training seconds and steps over the
+    seeds whose ELBO is finite, and ``failed``, the number of seeds whose ELBO
+    is not (NaN or infinite: the run diverged)."""
     out: dict = {}
     for problem, by_seed in results["runs"].items():
         names = {name for runs in by_seed.values() for name in runs}
         out[problem] = {}
         for name in sorted(names):
             rows = [runs[name] for runs in by_seed.values() if name in runs]
+            good = [r for r in rows if math.isfinite(r["elbo"])] or rows
             out[problem][name] = {
-                key: float(np.median([r[key] for r in rows]))
+                key: float(np.median([r[key] for r in good]))
                 for key in ("elbo", "train_s", "steps")
             }
+            out[problem][name]["failed"] = sum(not math.isfinite(r["elbo"]) for r in rows)
+            out[problem][name]["seeds"] = len(rows)
     return out
 
 
 def table(results: dict) -> str:
     """A Markdown table of the medians, with each row's gap to log Z."""
     lines = [
-        "| posterior | log Z | run | median ELBO | gap to log Z | train (s) | steps |",
-        "|---|---|---|---|---|---|---|",
+        "| posterior | log Z | run | median ELBO | gap to log Z | train (s) | steps "
+        "| seeds (failed) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for problem, rows in medians(results).items():
         log_z = results["log_z"][problem]
         for name, r in rows.items():
             lines.append(
                 f"| {problem} | {log_z:.3f} | {name} | {r['elbo']:.3f} | "
-                f"{log_z - r['elbo']:.3f} | {r['train_s']:.1f} | {r['steps']:.0f} |"
+                f"{log_z - r['elbo']:.3f} | {r['train_s']:.1f} | {r['steps']:.0f} | "
+                f"{r['seeds']} ({r['failed']}) |"
             )
     return "\n".join(lines)
 
