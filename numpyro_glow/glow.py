@@ -88,10 +88,10 @@ class CouplingKind:
     make: Callable[[Callable, Any, int, str], GlowTransform]
 
 
-#: The coupling kinds :func:`glow` and :func:`glow_step` accept, by name.
 #: Bins of the ``"spline"`` coupling of :func:`glow`.
 SPLINE_BINS = 8
 
+#: The coupling kinds :func:`glow` and :func:`glow_step` accept, by name.
 COUPLINGS: dict[str, CouplingKind] = {
     "affine": CouplingKind(
         width=lambda c_b: 2 * c_b,
