@@ -373,11 +373,13 @@ def run_ablation(problem: Problem, args, seed: int, log) -> dict:
     return rows
 
 
-def step_times(model, rounds: int = 5, probe: int = 200) -> dict[str, float]:
-    """Milliseconds per one-sample SVI step of each guide with its defaults (and
-    AutoGlow with 8 steps): each guide compiled once, then ``rounds`` rounds of
-    ``probe`` steps per guide, the order rotated every round; the median round."""
-    makers = {**GUIDES, "AutoGlow, 8 steps": lambda m: AutoGlow(m, num_flows=8)}
+def step_times(model, guides, rounds: int = 5, probe: int = 200) -> dict[str, float]:
+    """Milliseconds per one-sample SVI step of each of ``guides`` with its
+    defaults (and AutoGlow with 8 steps): each guide compiled once, then
+    ``rounds`` rounds of ``probe`` steps per guide, the order rotated every
+    round; the median round."""
+    makers = {name: GUIDES[name] for name in guides}
+    makers["AutoGlow, 8 steps"] = lambda m: AutoGlow(m, num_flows=8)
     runs = {}
     for name, make in makers.items():
         svi = SVI(model, make(model), numpyro.optim.Adam(1e-3), Trace_ELBO())
@@ -405,7 +407,7 @@ def main(args: argparse.Namespace) -> dict:
         log_z = problem.log_z() if callable(problem.log_z) else problem.log_z
         results["log_z"][problem_name] = log_z
         if "cost" in args.protocols:
-            ms = step_times(problem.model)
+            ms = step_times(problem.model, args.guides)
             results.setdefault("step_ms", {})[problem_name] = ms
             print(problem_name, "ms per step:", json.dumps(ms), flush=True)
         for seed in args.seeds:
