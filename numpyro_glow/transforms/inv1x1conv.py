@@ -173,6 +173,23 @@ class Inv1x1ConvLU(Inv1x1Conv):
     def log_abs_det(self) -> Array:
         return jnp.sum(self.log_s)
 
+    def inverse_and_log_det(self, y: Array) -> tuple[Array, Array]:
+        # Fewer vectors than channels (a guide's few particles): two triangular
+        # solves against the vectors cost less than forming W^{-1} (which
+        # solves against the C x C identity); images keep W^{-1} for all pixels.
+        y = jnp.asarray(y)
+        if math.prod(y.shape[:-1]) >= self.channels:
+            return super().inverse_and_log_det(y)
+        check_event(type(self).__name__, y, self.event_dim, self.channels)
+        lower, upper = self._factors()
+        flat = y.reshape(-1, self.channels)
+        z = jnp.zeros_like(flat).at[:, self.perm].set(flat)  # P^T y
+        x = solve_triangular(lower, z.T, lower=True, unit_diagonal=True)
+        x = solve_triangular(upper, x, lower=False).T
+        n_pix = math.prod(y.shape[y.ndim - self.event_dim : -1])
+        log_det = jnp.broadcast_to(-n_pix * self.log_abs_det(), y.shape[: y.ndim - self.event_dim])
+        return x.reshape(y.shape), log_det
+
     @property
     def weight(self) -> Array:  # type: ignore[override]
         return self.matrix()
