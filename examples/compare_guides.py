@@ -30,7 +30,7 @@ Two protocols, each over ``--seeds`` (the tables give medians):
   its default sticking-the-landing gradient, the same schedule) given the same
   wall time: AutoGlow's number of steps is the flowjax flow's training time
   divided by AutoGlow's measured time per step. Compilation is timed apart
-  and not counted on either side. Needs ``pip install flowjax``.
+  and not counted on either side. Needs ``pip install ".[compare]"`` (flowjax).
 - ``ablation`` (not run by default): AutoGlow's defaults with one choice
   changed at a time (``ABLATION``: sticking the landing off, 8 steps instead
   of 16, spline couplings; one and 16 particles per step), ``--steps`` steps.
