@@ -124,9 +124,8 @@ def per_sample_gradient(stick_the_landing: bool, key):
     return jax.grad(lambda p: Trace_ELBO().loss(key, p, gaussian_model, guide))(params)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_stick_the_landing_gradient_vanishes_at_the_optimum(seed):
-    key = jax.random.PRNGKey(seed)
+def test_stick_the_landing_gradient_vanishes_at_the_optimum():
+    key = jax.random.PRNGKey(1)
     stl = jax.tree.leaves(per_sample_gradient(True, key))
     assert max(float(jnp.abs(g).max()) for g in stl) < 1e-4
     plain = per_sample_gradient(False, key)

@@ -43,6 +43,7 @@ def test_neutra_funnel(tmp_path):
     example = _load("neutra_funnel")
     args = example.parser().parse_args(
         ["--dim", "3", "--svi-steps", "10", "--num-warmup", "10", "--num-samples", "10"]
+        + ["--num-flows", "2", "--particles", "2"]
         + ["--out", str(tmp_path / "neutra.json")]
     )
     results = example.main(args)
@@ -53,6 +54,7 @@ def test_neutra_funnel(tmp_path):
     assert (tmp_path / "neutra.json").is_file()
 
 
+@pytest.mark.slow  # trains a tiny Glow, then NUTS; the prior itself is tested in test_prior
 def test_inpainting(tmp_path, digits_checkpoint):
     example = _load("inpainting")
     args = example.parser().parse_args(

@@ -83,6 +83,7 @@ def runs():
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # two trainings in a 4-device subprocess
 def test_four_devices_match_one(runs):
     one, four = runs["None"], runs["4"]
     assert runs["device_count"] == 4
@@ -91,6 +92,7 @@ def test_four_devices_match_one(runs):
     np.testing.assert_allclose(four["validation_bpd"], one["validation_bpd"], rtol=1e-5)
 
 
+@pytest.mark.slow  # two trainings in a 4-device subprocess
 def test_four_devices_split_the_batch(runs):
     one, four = runs["None"], runs["4"]
     assert one["batch_shards"] == [1] * 6 and one["shard_shape"] == [16, 8, 8, 1]
@@ -106,6 +108,7 @@ def _tiny(**kw) -> tuple[TrainConfig, ImageData]:
     return config, ImageData(x, None, 5, "small")
 
 
+@pytest.mark.slow  # two trainings in a 4-device subprocess
 def test_batch_size_must_divide_over_devices(runs):
     message = runs["batch_size_error"]  # Trainer(batch_size=18, devices=4)
     assert "batch size 18" in message and "number of devices 4" in message
