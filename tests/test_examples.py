@@ -39,6 +39,7 @@ def test_compare_guides(tmp_path):
     assert "| eight_schools |" in example.table(results)
 
 
+@pytest.mark.slow  # SVI then NUTS twice; NeuTra itself is tested in test_autoguide
 def test_neutra_funnel(tmp_path):
     example = _load("neutra_funnel")
     args = example.parser().parse_args(
