@@ -27,6 +27,7 @@ The only pickle this module opens is the explicit, trusted conversion of an old
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -38,6 +39,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from .data import _ArrayUnpickler
 
 __all__ = [
     "FORMAT",
@@ -274,15 +277,28 @@ def read(path: str | os.PathLike, templates: Mapping[str, Any]) -> tuple[dict[st
     return trees, meta
 
 
+class _CheckpointUnpickler(_ArrayUnpickler):
+    """NumPy's array globals and optax's optimiser states, which are
+    ``NamedTuple`` classes (building one runs no code but ``tuple.__new__``)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "optax":
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and issubclass(found, tuple) and hasattr(found, "_fields"):
+                return found
+        return super().find_class(module, name)
+
+
 def convert_pickle(source: str | os.PathLike, *, trust_pickle: bool) -> dict[str, Any]:
-    """Load an old pickle checkpoint, which runs whatever code the file holds.
+    """Load an old pickle checkpoint for conversion to the open format.
 
     Only with ``trust_pickle=True``, the caller's statement that the file comes
-    from a source it trusts; returns the unpickled dict (format
-    ``"numpyro-glow/1"``) for the caller to write in the open format. This is
-    the one place numpyro-glow calls ``pickle.load``.
+    from a source it trusts. Even then the file is read by an unpickler that
+    resolves only the globals a 0.1 checkpoint holds (NumPy's array
+    reconstruction and optax's ``NamedTuple`` optimiser states), so a crafted
+    file is refused instead of run. Returns the unpickled dict (format
+    ``"numpyro-glow/1"``) for the caller to write in the open format.
     """
-    import pickle
 
     if not trust_pickle:
         raise ValueError(
@@ -294,7 +310,7 @@ def convert_pickle(source: str | os.PathLike, *, trust_pickle: bool) -> dict[str
         raise FileNotFoundError(f"checkpoint not found: {source}")
     with open(source, "rb") as f:
         try:
-            state = pickle.load(f)  # noqa: S301 - explicitly trusted by the caller
+            state = _CheckpointUnpickler(f).load()
         except Exception as e:
             raise ValueError(f"{source}: not a readable pickle checkpoint: {e}") from e
     if not isinstance(state, dict) or state.get("format") != "numpyro-glow/1":

@@ -93,7 +93,7 @@ class ConvertOptions(Validated):
         None, "folder for checkpoint.npz and best.npz (default: the pickle's folder)"
     )
     trust_pickle: bool = option(
-        False, "required: loading a pickle runs any code in it; say that you trust the file"
+        False, "required: say that you trust the file (only arrays and optax states are read)"
     )
 
 

@@ -256,3 +256,15 @@ def _template(density):
     from numpyro_glow.train import _arrays_only
 
     return _arrays_only(density.state_template())
+
+
+def test_trusted_conversion_still_refuses_code(tmp_path, capsys):
+    """``--trust-pickle`` reads only NumPy arrays and optax states: a payload is
+    refused and never runs."""
+    marker = tmp_path / MARKER
+    pkl = tmp_path / "checkpoint.pkl"
+    pkl.write_bytes(pickle.dumps({"format": "numpyro-glow/1", "x": Payload(marker)}))
+    assert cli.main(["convert-checkpoint", str(pkl), "--trust-pickle"]) == 2
+    assert "refusing to load global" in capsys.readouterr().err
+    assert not marker.exists()
+    assert not (tmp_path / "checkpoint.npz").exists()
