@@ -112,6 +112,9 @@ def _tiny(**kw) -> tuple[TrainConfig, ImageData]:
 def test_batch_size_must_divide_over_devices(runs):
     message = runs["batch_size_error"]  # Trainer(batch_size=18, devices=4)
     assert "batch size 18" in message and "number of devices 4" in message
+
+
+def test_check_batch_size_counts_devices():
     mesh = SimpleNamespace(devices=np.empty(3, object))  # the check only counts devices
     with pytest.raises(ValueError, match=r"batch size 7 is not divisible .* devices 3"):
         parallel.check_batch_size(7, mesh)
