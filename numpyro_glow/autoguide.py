@@ -13,20 +13,23 @@ import numpyro.distributions as dist
 from jax import Array
 from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.distributions.transforms import LowerCholeskyAffine
 from numpyro.infer.autoguide import AutoContinuous
 from numpyro.infer.initialization import init_to_uniform
 
 from . import nets
 from .distribution import StickTheLanding
-from .transforms import AffineCoupling, Chain, Inv1x1ConvLU, Scan, SplineCoupling
+from .transforms import AffineCoupling, ArrowAffine, Chain, Inv1x1ConvLU, Scan, SplineCoupling
 
 __all__ = ["AutoGlow", "coupling_masks"]
 
 _COUPLINGS = ("affine", "spline")
 
-#: The conditioners' last layer enters multiplied by ``min(1, OUTPUT_SCALE_WIDTH / width)``.
-OUTPUT_SCALE_WIDTH = 10.0
+#: Each conditioner layer's weights enter multiplied by ``min(1, WIDTH_SCALE / fan_in)``.
+WIDTH_SCALE = 10.0
+#: The coordinates, from the first, that get dense maps (LU steps, a full-rank head).
+DENSE_DIM = 64
+#: The largest default conditioner width.
+MAX_WIDTH = 128
 
 
 def coupling_masks(dim: int, num_flows: int) -> np.ndarray:
@@ -60,31 +63,47 @@ def coupling_masks(dim: int, num_flows: int) -> np.ndarray:
 
 class AutoGlow(AutoContinuous):
     r"""A normalizing-flow guide over the whole (unconstrained) latent vector,
-    built from Glow steps for vectors and a full-rank affine head:
+    built from Glow steps for vectors and an affine head:
 
     .. math::
 
-        z = \mu + L\, f_K \circ \dots \circ f_1(\epsilon), \quad
+        z = \mu + A\, f_K \circ \dots \circ f_1(\epsilon), \quad
         \epsilon \sim \mathcal N(0, I), \qquad
         f_k = \text{coupling}_k \circ \text{LU}_k ,
 
-    where each step is an invertible linear map in LU form
-    (:class:`~numpyro_glow.Inv1x1ConvLU` with ``event_dim=1``) and a masked
-    coupling (:func:`coupling_masks`) whose MLP conditioner sees the kept
-    coordinates: an affine coupling (``coupling="affine"``) with a log-scale
-    bounded to :math:`(-3, 1)` (a step may contract a lot but expands by at
-    most :math:`e`, so deep stacks do not diverge), or a rational-quadratic
-    spline (``coupling="spline"``, :class:`~numpyro_glow.SplineCoupling`).
-    The linear maps' off-diagonal parameters enter divided by the dimension and
-    the conditioners' last layers multiplied by ``min(1, 10 / width)``, so that
-    one optimiser step changes each map by about the learning rate whatever the
-    size, and 16 steps train at Adam's usual learning rates.
-    :math:`L` is lower triangular, parametrised and initialised as in
-    :class:`~numpyro.infer.autoguide.AutoMultivariateNormal`. Every step starts
-    as the identity, so at initialisation the guide *is*
-    ``AutoMultivariateNormal(model, init_loc_fn=init_loc_fn, init_scale=init_scale)``:
+    where each step is a masked coupling (:func:`coupling_masks`) whose MLP
+    conditioner sees the kept coordinates: an affine coupling
+    (``coupling="affine"``) with a log-scale bounded to :math:`(-3, 1)` (a step
+    may contract a lot but expands by at most :math:`e`, so deep stacks do not
+    diverge), or a rational-quadratic spline (``coupling="spline"``,
+    :class:`~numpyro_glow.SplineCoupling`); while the dimension :math:`d` is at
+    most ``DENSE_DIM`` (64) each step also starts with an invertible linear map
+    in LU form (:class:`~numpyro_glow.Inv1x1ConvLU` with ``event_dim=1``).
+
+    **Cost linear in d.** The conditioners' widths are ``min(128, max(32, 2d))``
+    and the head :math:`A` is an :class:`~numpyro_glow.transforms.ArrowAffine`:
+    a full lower-triangular block over the first ``min(d, DENSE_DIM)``
+    coordinates (NumPyro lists a model's sites in model order, global
+    parameters first), a dense "arrow" from them to every other coordinate, and
+    a first-order recurrence along the others (a Markov chain such as a random
+    walk in model order). So above 64 latents nothing is :math:`d \times d`:
+    parameters and the cost of a step grow linearly in :math:`d`. For
+    :math:`d \le 64`, :math:`A` is the full lower-triangular matrix of
+    :class:`~numpyro.infer.autoguide.AutoMultivariateNormal`, parametrised and
+    initialised as there.
+
+    **Scales for Adam.** Adam moves every parameter by about the learning rate
+    per step, all the weights into a unit in the same direction at first, so a
+    layer's output moves by about the learning rate times its fan-in. Each
+    conditioner layer's weights therefore enter multiplied by
+    ``min(1, 10 / fan_in)`` and the LU maps' off-diagonal parameters divided by
+    :math:`d`, so that one optimiser step changes each map by about the
+    learning rate at any size, and 16 steps train at Adam's usual learning
+    rates. Every step starts as the identity, so at initialisation the guide is
     :math:`\mathcal N(\mu_0, \sigma_0^2 I)`, with :math:`\mu_0` from
-    ``init_loc_fn``; the flow can only add to it.
+    ``init_loc_fn`` (for :math:`d \le 64` exactly
+    ``AutoMultivariateNormal(model, init_loc_fn=init_loc_fn, init_scale=init_scale)``);
+    the flow can only add to it.
 
     With ``stick_the_landing=True`` (default) the guide samples from a
     :class:`~numpyro_glow.StickTheLanding` distribution, so plain
@@ -106,7 +125,7 @@ class AutoGlow(AutoContinuous):
     :param init_loc_fn: per-site initialisation of the location :math:`\mu_0`.
     :param num_flows: number of steps ``K``.
     :param hidden_dims: widths of the coupling MLPs (default two layers of
-        ``max(32, 2 * latent_dim)``).
+        ``min(128, max(32, 2 * latent_dim))``).
     :param coupling: ``"affine"`` or ``"spline"``.
     :param num_bins: bins of the spline coupling.
     :param init_scale: initial scale :math:`\sigma_0` of the guide.
@@ -184,43 +203,73 @@ class AutoGlow(AutoContinuous):
         per_channel = 3 * self.num_bins - 1 if self.coupling == "spline" else 2
         return per_channel * dim
 
+    def _widths(self) -> tuple[int, ...]:
+        d = self.latent_dim
+        return self._hidden_dims or (min(MAX_WIDTH, max(32, 2 * d)),) * 2
+
     def _flow(self) -> Chain:
         """The generative map from white noise to the latent vector."""
         d, k = self.latent_dim, self.num_flows
-        hidden = self._hidden_dims or (max(32, 2 * d),) * 2
+        hidden = self._widths()
+        dense = d <= DENSE_DIM
+        fan_in = (d, *hidden)
+        # Adam moves every parameter by about the learning rate per step, all the
+        # weights into a unit in the same direction at first, so a layer's output
+        # moves by about lr * fan_in: each layer's weights enter multiplied by
+        # min(1, WIDTH_SCALE / fan_in) (stored divided by it, so the network at
+        # initialisation is unchanged), which keeps one optimiser step's change to
+        # each map of the order of the learning rate at any dimension and width.
+        mult = [min(1.0, WIDTH_SCALE / n) for n in fan_in]
         masks = jnp.asarray(coupling_masks(d, k))
 
+        def init_net(key):
+            layers = nets.mlp_init(key, d, self._net_outputs(d), hidden)
+            return [{**lay, "w": lay["w"] / c} for lay, c in zip(layers, mult, strict=True)]
+
         def init_steps(key):
-            keys = jax.random.split(key, k)
-            zeros = jnp.zeros((k, d, d))
-            return {
-                "lower": zeros,
-                "upper": zeros,
-                "log_s": jnp.zeros((k, d)),
-                "net": jax.vmap(lambda kk: nets.mlp_init(kk, d, self._net_outputs(d), hidden))(
-                    keys
-                ),
-            }
+            steps = {"net": jax.vmap(init_net)(jax.random.split(key, k))}
+            if dense:  # dense linear maps only while d x d stays small
+                steps.update(
+                    lower=jnp.zeros((k, d, d)), upper=jnp.zeros((k, d, d)), log_s=jnp.zeros((k, d))
+                )
+            return steps
 
         p = numpyro.param(f"{self.prefix}_glow_steps", init_steps)
-        # Adam moves every parameter by about the learning rate per step, all d of
-        # a row (or all `width` weights into an output) in the same direction at
-        # first; dividing by d (by the width) keeps each step's change to the map
-        # of the order of the learning rate at any size, so 16 steps do not blow up.
-        scale = min(1.0, OUTPUT_SCALE_WIDTH / hidden[-1])
-        net = [*p["net"][:-1], jax.tree.map(lambda a: a * scale, p["net"][-1])]
-        identity = jnp.broadcast_to(jnp.arange(d), (k, d))
-        linear = Inv1x1ConvLU(
-            identity, p["lower"] / d, p["upper"] / d, p["log_s"], jnp.ones((k, d)), 1
-        )
-        steps = Scan(Chain([linear, self._coupling(net, masks)]), unroll=1)
+        net = [{**lay, "w": lay["w"] * c} for lay, c in zip(p["net"], mult, strict=True)]
+        coupling = self._coupling(net, masks)
+        if dense:
+            # off-diagonals divided by d, for the same reason as the multipliers
+            identity = jnp.broadcast_to(jnp.arange(d), (k, d))
+            linear = Inv1x1ConvLU(
+                identity, p["lower"] / d, p["upper"] / d, p["log_s"], jnp.ones((k, d)), 1
+            )
+            coupling = Chain([linear, coupling])
+        steps = Scan(coupling, unroll=1)
+        return Chain([steps, self._head()])
+
+    def _head(self) -> ArrowAffine:
+        """The affine head: full lower-Cholesky on the first ``min(d, DENSE_DIM)``
+        coordinates, linear in ``d`` beyond them (:class:`ArrowAffine`)."""
+        d = self.latent_dim
+        m = min(d, DENSE_DIM)
         loc = numpyro.param(f"{self.prefix}_loc", self._init_latent)
         scale_tril = numpyro.param(
             f"{self.prefix}_scale_tril",
-            jnp.identity(d) * self._init_scale,
+            jnp.identity(m) * self._init_scale,
             constraint=constraints.scaled_unit_lower_cholesky,
         )
-        return Chain([steps, LowerCholeskyAffine(loc, scale_tril)])
+        n = d - m
+        if n == 0:  # AutoMultivariateNormal's head, its parameters only
+            empty = jnp.zeros(0)
+            return ArrowAffine(loc, scale_tril, jnp.zeros((0, m)), empty, empty)
+        cross = numpyro.param(f"{self.prefix}_cross", jnp.zeros((n, m)))
+        scale = numpyro.param(
+            f"{self.prefix}_scale",
+            jnp.full(n, self._init_scale),
+            constraint=constraints.softplus_positive,
+        )
+        rho = numpyro.param(f"{self.prefix}_rho", jnp.zeros(n))
+        return ArrowAffine(loc, scale_tril, cross, scale, rho)
 
     def _get_posterior(self):
         cls = StickTheLanding if self.stick_the_landing else dist.TransformedDistribution

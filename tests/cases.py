@@ -17,6 +17,7 @@ from numpyro_glow.transforms import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    ArrowAffine,
     Chain,
     GlowTransform,
     Inv1x1Conv,
@@ -146,6 +147,20 @@ def guide_steps():
     return Scan.stack(steps)
 
 
+def arrow(seed, d=5, lead=2):
+    """AutoGlow's head: a 2x2 lower-triangular block, an arrow to the other three
+    coordinates and their recurrence (one coefficient above 1)."""
+    k = jax.random.split(_key(seed), 5)
+    tril = np.tril(0.3 * np.asarray(jax.random.normal(k[0], (lead, lead)))) + np.eye(lead)
+    return ArrowAffine(
+        jax.random.normal(k[1], (d,)),
+        tril,
+        0.5 * jax.random.normal(k[2], (d - lead, lead)),
+        np.exp(0.3 * np.asarray(jax.random.normal(k[3], (d - lead,)))),
+        np.array([0.4, 1.2, -0.7], np.float32),
+    )
+
+
 CASES = [
     Case("logitify", lambda: Logitify(0.05), (3, 2), unit_interval=True),
     Case("logitify_tiny_alpha", lambda: Logitify(1e-6), (3, 2), unit_interval=True),
@@ -166,6 +181,7 @@ CASES = [
     Case("spline_image", lambda: _spline(17, 3), IMAGE),
     Case("spline_vector", lambda: _spline(18, 1, num_bins=5), VECTOR),
     Case("guide_steps", guide_steps, VECTOR),
+    Case("arrow_affine", lambda: arrow(90), VECTOR),
     Case("squeeze", lambda: Squeeze(), IMAGE),
     Case("unsqueeze", lambda: Squeeze().inv, (2, 2, 8)),
     Case("split_multiscale", split_level, (4, 4, 4)),

@@ -1,6 +1,7 @@
 """Glow's layers as NumPyro transforms, in the normalizing direction (data to latent)."""
 
 from .actnorm import ActNorm
+from .arrow import ArrowAffine
 from .base import (
     GlowTransform,
     Inverse,
@@ -26,6 +27,7 @@ __all__ = [
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
+    "ArrowAffine",
     "Chain",
     "GlowTransform",
     "Inv1x1Conv",

@@ -1,0 +1,385 @@
+"""Guides at the size of real models: posteriors from 10 to 2,500 latents.
+
+Posteriors (``--problems``; latent dimension ``d``):
+
+- ``funnel``, ``eight_schools``, ``hierarchical50``: from ``compare_guides.py``
+  (10, 10, 52).
+- ``sv100`` / ``sv2500``: stochastic volatility, NumPyro's example model
+  (``sigma ~ Exp(50)``, a Gaussian random walk ``s`` of ``T`` days,
+  ``nu ~ Exp(0.1)``, returns ``~ StudentT(nu, 0, exp(s))``) on ``T = 100`` and
+  ``T = 2500`` simulated days (102, 2502).
+- ``field100``: a log-Gaussian Cox process on a 10 x 10 grid, a Gaussian field
+  with a squared-exponential covariance (length scale 2 cells) plus a mean,
+  Poisson counts per cell (101).
+- ``regression300``: a centered hierarchical regression, 300 groups of 5
+  observations, group intercepts ``~ N(mu, tau)``, a shared slope and noise
+  scale (304).
+- ``irt500``: a two-parameter item-response model, 500 persons, 20 items
+  (ability per person, difficulty and log-discrimination per item, two
+  hyperparameters; 542).
+
+Reference moments of the unconstrained latent vector come from long NUTS runs
+(``--make-reference``, 4 chains x 2,000 draws after 1,000 warm-up, stored in
+``benchmarks/results/scale_reference.npz``). For each guide and posterior the
+script reports the parameter count, compile time, milliseconds per step, peak
+memory (each guide runs in its own process; peak resident memory of that
+process), the ELBO (``--eval-particles`` draws) and the error of the guide's
+means and standard deviations against the reference, in reference standard
+deviations (mean and max over coordinates). Two protocols: ``steps`` (every
+guide ``--steps`` one-sample ``Trace_ELBO`` steps, Adam 3e-3 decaying to 3e-4)
+and ``time`` (every guide the same wall time ``--seconds``, compilation
+included, its number of steps set from its measured step time).
+
+Run: ``python examples/scale_guides.py --out benchmarks/results/scale_guides.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO, autoguide
+from numpyro.infer.reparam import LocScaleReparam
+from numpyro.infer.util import initialize_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare_guides  # noqa: E402
+
+from numpyro_glow import AutoGlow  # noqa: E402
+
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "scale_reference.npz"
+
+# --- posteriors ---------------------------------------------------------------
+
+
+def sv_returns(days: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    s = np.cumsum(rng.normal(0.0, 0.1, days)) - 4.0
+    return (np.exp(s) * rng.standard_t(5.0, days)).astype(np.float32)
+
+
+def stochastic_volatility(returns: np.ndarray) -> None:
+    sigma = numpyro.sample("sigma", dist.Exponential(50.0))
+    s = numpyro.sample("s", dist.GaussianRandomWalk(scale=sigma, num_steps=returns.shape[0]))
+    nu = numpyro.sample("nu", dist.Exponential(0.1))
+    numpyro.sample("r", dist.StudentT(df=nu, loc=0.0, scale=jnp.exp(s)), obs=returns)
+
+
+def field_data(side: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Counts on a ``side x side`` grid and the field's covariance."""
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)
+    dist2 = ((grid[:, None] - grid[None]) ** 2).sum(-1)
+    cov = np.exp(-dist2 / (2 * 2.0**2)) + 1e-4 * np.eye(side * side)
+    rng = np.random.default_rng(seed)
+    f = np.linalg.cholesky(cov) @ rng.standard_normal(side * side)
+    return rng.poisson(np.exp(1.0 + f)).astype(np.float32), cov.astype(np.float32)
+
+
+def latent_field(counts: np.ndarray, cov: np.ndarray) -> None:
+    m = numpyro.sample("m", dist.Normal(0.0, 2.0))
+    f = numpyro.sample("f", dist.MultivariateNormal(jnp.zeros(len(counts)), cov))
+    numpyro.sample("y", dist.Poisson(jnp.exp(m + f)), obs=counts)
+
+
+def regression_data(groups: int = 300, per: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    g = np.repeat(np.arange(groups), per)
+    x = rng.standard_normal(groups * per)
+    alpha = 1.0 + 0.5 * rng.standard_normal(groups)
+    y = alpha[g] + 0.7 * x + 1.0 * rng.standard_normal(groups * per)
+    return g, x.astype(np.float32), y.astype(np.float32)
+
+
+def hierarchical_regression(g: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfNormal(2.0))
+    beta = numpyro.sample("beta", dist.Normal(0.0, 2.0))
+    sigma = numpyro.sample("sigma", dist.HalfNormal(2.0))
+    with numpyro.plate("groups", int(g.max()) + 1):
+        alpha = numpyro.sample("alpha", dist.Normal(mu, tau))
+    numpyro.sample("y", dist.Normal(alpha[g] + beta * x, sigma), obs=y)
+
+
+def irt_data(persons: int = 500, items: int = 20, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal(persons)
+    b = rng.standard_normal(items)
+    a = np.exp(0.3 * rng.standard_normal(items))
+    p = 1 / (1 + np.exp(-a * (theta[:, None] - b)))
+    return (rng.uniform(size=p.shape) < p).astype(np.float32)
+
+
+def item_response(responses: np.ndarray) -> None:
+    persons, items = responses.shape
+    mu_b = numpyro.sample("mu_b", dist.Normal(0.0, 2.0))
+    sigma_b = numpyro.sample("sigma_b", dist.HalfNormal(2.0))
+    with numpyro.plate("items", items):
+        b = numpyro.sample("b", dist.Normal(mu_b, sigma_b))
+        log_a = numpyro.sample("log_a", dist.Normal(0.0, 0.5))
+    with numpyro.plate("persons", persons):
+        theta = numpyro.sample("theta", dist.Normal(0.0, 1.0))
+    logits = jnp.exp(log_a) * (theta[:, None] - b)
+    numpyro.sample("y", dist.Bernoulli(logits=logits).to_event(2), obs=responses)
+
+
+def make_problems() -> dict:
+    small = compare_guides.make_problems()
+    counts, cov = field_data()
+    reg = regression_data()
+    sv100, sv2500 = sv_returns(100), sv_returns(2500, seed=1)
+    responses = irt_data()
+    return {
+        "funnel": small["funnel"].model,
+        "eight_schools": small["eight_schools"].model,
+        "hierarchical50": small["hierarchical50"].model,
+        "sv100": lambda: stochastic_volatility(sv100),
+        "field100": lambda: latent_field(counts, cov),
+        "regression300": lambda: hierarchical_regression(*reg),
+        "irt500": lambda: item_response(responses),
+        "sv2500": lambda: stochastic_volatility(sv2500),
+    }
+
+
+PROBLEMS = (
+    "funnel",
+    "eight_schools",
+    "hierarchical50",
+    "sv100",
+    "field100",
+    "regression300",
+    "irt500",
+    "sv2500",
+)
+
+GUIDES = {
+    "AutoGlow": AutoGlow,
+    "AutoNormal": autoguide.AutoNormal,
+    "AutoMultivariateNormal": autoguide.AutoMultivariateNormal,
+    "AutoLowRankMultivariateNormal": autoguide.AutoLowRankMultivariateNormal,
+    "AutoIAFNormal": autoguide.AutoIAFNormal,
+    "AutoBNAFNormal": autoguide.AutoBNAFNormal,
+}
+
+# --- reference ----------------------------------------------------------------
+
+
+def unconstrained(model):
+    """``(flatten, dim)``: a function from a dict of unconstrained site values to
+    the flat vector NumPyro's ``AutoContinuous`` guides use, and its size."""
+    info = initialize_model(jax.random.PRNGKey(0), model)
+    flat, _ = ravel_pytree(info.param_info.z)
+    return (lambda z: ravel_pytree(z)[0]), flat.shape[0]
+
+
+def reference(model, warmup: int, draws: int, chains: int, seed: int = 0) -> dict:
+    """Mean and standard deviation of the unconstrained latent vector from NUTS."""
+    flatten, _ = unconstrained(model)
+    mcmc = MCMC(
+        NUTS(handlers.reparam(model, config=_noncentered), target_accept_prob=0.9),
+        num_warmup=warmup,
+        num_samples=draws,
+        num_chains=chains,
+        chain_method="sequential",
+        progress_bar=False,
+    )
+    t0 = time.perf_counter()
+    mcmc.run(jax.random.PRNGKey(seed), extra_fields=("diverging",))
+    seconds = time.perf_counter() - t0
+    info = initialize_model(jax.random.PRNGKey(0), model)
+    samples = mcmc.get_samples()
+    z = {name: jax.vmap(_unconstrain(info, name))(samples[name]) for name in info.param_info.z}
+    flat = jax.vmap(flatten)(z)
+    return {
+        "mean": np.asarray(flat.mean(0)),
+        "sd": np.asarray(flat.std(0)),
+        "divergences": int(mcmc.get_extra_fields()["diverging"].sum()),
+        "seconds": seconds,
+    }
+
+
+def _noncentered(site: dict):
+    """Every latent normal site sampled non-centered (so the reference sampler
+    meets no funnel); the site's value is still recorded."""
+    fn = site["fn"]
+    while isinstance(fn, dist.ExpandedDistribution | dist.Independent):
+        fn = fn.base_dist
+    decentered = site["name"].endswith("_decentered")
+    if not site["is_observed"] and not decentered and type(fn) is dist.Normal:
+        return LocScaleReparam(0.0)
+    return None
+
+
+def _unconstrain(info, name):
+    from numpyro.distributions import biject_to
+
+    transform = biject_to(info.model_trace[name]["fn"].support)
+    return transform.inv
+
+
+# --- fitting ------------------------------------------------------------------
+
+
+def fit(problem: str, guide_name: str, steps: int, seconds: float | None, particles: int):
+    """Fit one guide; returns the row of the table."""
+    model = make_problems()[problem]
+    guide = GUIDES[guide_name](model)
+    t0 = time.perf_counter()
+    loss = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1)
+    probe = None
+    if seconds is not None:  # measure the step time, then set the steps to fill the budget
+        svi = SVI(model, guide, numpyro.optim.Adam(1e-3), loss)
+        update = jax.jit(svi.update)
+        state, _ = update(svi.init(jax.random.PRNGKey(0)))
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+        for _ in range(20):
+            state, _ = update(state)
+        jax.block_until_ready(state)
+        probe = (time.perf_counter() - t1) / 20
+        compile_s = t1 - t0
+        steps = max(2, int((seconds - compile_s) / probe))
+        guide = GUIDES[guide_name](model)
+    optim = numpyro.optim.optax_to_numpyro(optax.adam(compare_guides.schedule(steps)))
+    svi = SVI(model, guide, optim, loss)
+    t_start = time.perf_counter()
+    update = jax.jit(svi.update)
+    state, first = update(svi.init(jax.random.PRNGKey(0)))
+    jax.block_until_ready(state)
+    t1 = time.perf_counter()
+    value = first
+    for _ in range(steps - 1):
+        state, value = update(state)
+    params = jax.block_until_ready(svi.get_params(state))
+    t2 = time.perf_counter()
+    row = {
+        "guide": guide_name,
+        "problem": problem,
+        "steps": steps,
+        "params": int(sum(np.size(v) for v in jax.tree.leaves(params))),
+        "compile_s": t1 - t_start,
+        "ms_per_step": 1e3 * (t2 - t1) / max(steps - 1, 1),
+        "wall_s": t2 - t0,
+        "final_loss": float(value),
+    }
+    row["elbo"] = compare_guides.elbo(model, guide, params, 1000)
+    row.update(moment_errors(problem, model, guide, params))
+    row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def guide_samples(model, guide, params, n: int = 4000) -> np.ndarray:
+    """Draws of the unconstrained latent vector, flattened as NumPyro's guides do."""
+    from numpyro.infer import Predictive
+
+    flatten, _ = unconstrained(model)
+    info = initialize_model(jax.random.PRNGKey(0), model)
+    draws = Predictive(guide, params=params, num_samples=n)(jax.random.PRNGKey(7))
+    z = {name: jax.vmap(_unconstrain(info, name))(draws[name]) for name in info.param_info.z}
+    return np.asarray(jax.vmap(flatten)(z))
+
+
+def moment_errors(problem, model, guide, params) -> dict:
+    if not REFERENCE.exists():
+        return {}
+    with np.load(REFERENCE) as ref:
+        if f"{problem}/mean" not in ref:
+            return {}
+        mean, sd = ref[f"{problem}/mean"], ref[f"{problem}/sd"]
+    z = guide_samples(model, guide, params)
+    if not np.isfinite(z).all():
+        return {"mean_err": math.nan, "sd_err": math.nan}
+    em = np.abs(z.mean(0) - mean) / sd
+    es = np.abs(z.std(0) - sd) / sd
+    return {
+        "mean_err": float(em.mean()),
+        "mean_err_max": float(em.max()),
+        "sd_err": float(es.mean()),
+        "sd_err_max": float(es.max()),
+    }
+
+
+# --- driver -------------------------------------------------------------------
+
+
+def make_reference(problems, args) -> None:
+    stored = dict(np.load(REFERENCE)) if REFERENCE.exists() else {}
+    for name in problems:
+        ref = reference(make_problems()[name], args.ref_warmup, args.ref_draws, args.ref_chains)
+        seconds, divergences = ref["seconds"], ref["divergences"]
+        print(f"{name}: NUTS {seconds:.0f} s, {divergences} divergences", flush=True)
+        stored[f"{name}/mean"], stored[f"{name}/sd"] = ref["mean"], ref["sd"]
+        stored[f"{name}/divergences"] = np.asarray(ref["divergences"])
+        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(REFERENCE, **stored)
+
+
+def run_one(args) -> None:
+    row = fit(args.one[0], args.one[1], args.steps, args.budget, args.particles)
+    print("ROW " + json.dumps(row), flush=True)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    if args.make_reference:
+        make_reference(args.problems, args)
+    rows = []
+    for problem in args.problems:
+        for guide in args.guides:
+            for protocol in args.protocols:
+                cmd = [sys.executable, __file__, "--one", problem, guide]
+                cmd += ["--steps", str(args.steps), "--particles", str(args.particles)]
+                if protocol == "time":
+                    cmd += ["--budget", str(args.seconds)]
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+                if found:
+                    row = json.loads(found[-1][4:])
+                else:
+                    tail = (out.stderr or "").strip().splitlines()[-1:]
+                    row = {"guide": guide, "problem": problem, "error": " ".join(tail)}
+                row["protocol"] = protocol
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                if args.out:
+                    Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--problems", nargs="+", default=list(PROBLEMS))
+    p.add_argument("--guides", nargs="*", default=list(GUIDES))
+    p.add_argument("--protocols", nargs="+", default=["steps"], choices=["steps", "time"])
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--particles", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=3600.0)
+    p.add_argument("--make-reference", action="store_true")
+    p.add_argument("--ref-warmup", type=int, default=1000)
+    p.add_argument("--ref-draws", type=int, default=2000)
+    p.add_argument("--ref-chains", type=int, default=4)
+    p.add_argument("--one", nargs=2, metavar=("PROBLEM", "GUIDE"), help=argparse.SUPPRESS)
+    p.add_argument("--out")
+    return p
+
+
+if __name__ == "__main__":
+    arguments = parser().parse_args()
+    if arguments.one:
+        run_one(arguments)
+    else:
+        main(arguments)
