@@ -36,8 +36,13 @@ def _write_text(path: Path, text: str) -> None:
 
 
 class _Clock:
-    """Training throughput: the first step (which compiles) and the evaluations
-    left out."""
+    """Training throughput over steps that are done: images counted since the
+    last :meth:`restart`, divided by the time from that restart to the
+    :meth:`pause` that reads them. Both are called right after waiting for the
+    device, so the window holds exactly the work of the steps counted, the
+    wait for the last of them included. The first step (which compiles) is
+    left out, and so is whatever runs between a pause and the next restart
+    (the evaluations)."""
 
     def __init__(self) -> None:
         self.images, self.t0, self.started = 0, time.perf_counter(), False
@@ -50,20 +55,28 @@ class _Clock:
         else:
             self.images += images
 
+    def elapsed(self) -> float:
+        """Seconds since the last restart."""
+        return time.perf_counter() - self.t0
+
     def pause(self) -> float | None:
         """Images per second since the last restart (call once the device is done);
         ``None`` if no step was counted."""
-        rate = self.images / max(time.perf_counter() - self.t0, 1e-9) if self.images else None
+        rate = self.images / max(self.elapsed(), 1e-9) if self.images else None
         self.images = 0
         return rate
 
     def restart(self) -> None:
-        self.t0 = time.perf_counter()
+        """Open a new window (call once the device is done): nothing counted yet."""
+        self.images, self.t0 = 0, time.perf_counter()
 
 
 class _Progress:
     """tqdm's bar; the loss shown (and checked for NaN) at most every half second,
-    the only times the loop waits for the device besides evaluations."""
+    the only times the loop waits for the device besides evaluations. Its
+    images per second are those of the steps done in the last window of at
+    least half a second, measured after waiting for them (as the throughput
+    of ``metrics.jsonl``), not those dispatched."""
 
     def __init__(self, config: TrainConfig, start: int, file: Any = None):
         from tqdm.auto import tqdm  # a dependency of numpyro
@@ -77,8 +90,8 @@ class _Progress:
             mininterval=0.5,
             file=file,
         )
-        self.enabled, self.shown = config.progress, time.perf_counter()
-        self.images, self.batch = 0, config.batch_size
+        self.enabled, self.batch = config.progress, config.batch_size
+        self.clock = _Clock()  # the throughput shown, measured as metrics.jsonl's
 
     def update(
         self, state: TrainState, trainer: Trainer, last_checkpoint: Callable[[], str]
@@ -86,16 +99,23 @@ class _Progress:
         self.bar.update(1)
         if not self.enabled:
             return
-        self.images += self.batch
-        now = time.perf_counter()
-        if now - self.shown < 0.5:
+        self.clock.count(state, self.batch)
+        if self.clock.elapsed() < 0.5:
             return
-        trainer.check_finite(state, last_checkpoint())
+        trainer.check_finite(state, last_checkpoint())  # waits for the device
         loss = float(state.loss)
+        rate = self.clock.pause()  # after the wait: the steps counted are done
+        self.clock.restart()
         bpd = loss / (self.batch * trainer.density.num_dims * math.log(2.0))
-        rate = self.images / (now - self.shown)
-        self.bar.set_postfix(loss=f"{loss:.1f}", bpd=f"{bpd:.3f}", img_s=f"{rate:.0f}")
-        self.shown, self.images = time.perf_counter(), 0
+        shown = dict(loss=f"{loss:.1f}", bpd=f"{bpd:.3f}")
+        if rate is not None:
+            shown["img_s"] = f"{rate:.0f}"
+        self.bar.set_postfix(**shown)
+
+    def restart(self) -> None:
+        """A new throughput window, leaving out what ran since the device was last
+        waited for (an evaluation); call it right after that wait."""
+        self.clock.restart()
 
     def close(self) -> None:
         self.bar.close()

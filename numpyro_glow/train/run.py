@@ -185,6 +185,7 @@ def _fit(
                 run.log(state.history[-1])
                 stopped = state.bad_evals >= config.patience
                 clock.restart()
+                bar.restart()
             if done % config.checkpoint_every == 0 or stopped:
                 run.save(trainer, state)
             if stopped:
