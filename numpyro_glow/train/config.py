@@ -119,8 +119,16 @@ class TrainConfig(Validated):
     )
     dequantization: str = option(
         "variational",
-        "q(u | k): a learned conditional flow, or uniform noise",
-        choices=("uniform", "variational"),
+        "q(u | k): a learned conditional flow, or uniform noise (both bound the likelihood "
+        "of the pixels); gaussian: Raiko's corruption, normal noise of --corruption-level "
+        "pixel values (TFGENZOO's LogitifyImage), the density of noisy pixels, no bound",
+        choices=("uniform", "variational", "gaussian"),
+    )
+    corruption_level: float = option(
+        1.0,
+        "with --dequantization gaussian: the standard deviation of the noise in pixel values; "
+        "x = (k + c eps) / (c + L - 1) for pixels k = 0 .. L - 1",
+        check=POSITIVE,
     )
     validation_size: float = option(
         0.1,
@@ -156,6 +164,14 @@ class TrainConfig(Validated):
         metavar="N|all",
         resume=True,
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dequantization != "gaussian" and self.corruption_level != 1.0:
+            raise ValueError(
+                "corruption_level (--corruption-level): applies to --dequantization gaussian, "
+                f"got {self.corruption_level} with --dequantization {self.dequantization}"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,7 +24,7 @@ from .. import parallel
 from ..data import ImageData
 from ..distribution import FlowDistribution
 from .config import TrainConfig
-from .model import density_model, dequantization_guide, glow_from_config
+from .model import check_corruption, density_model, dequantization_guide, glow_from_config
 
 Array = jax.Array
 
@@ -145,6 +145,9 @@ class Density:
         self.event_shape = tuple(info.event_shape)
         self.num_dims = math.prod(self.event_shape)
         kwargs = dict(levels=info.levels, config=config.model, num_classes=self.num_classes)
+        if config.dequantization == "gaussian":
+            check_corruption(info.levels, config.corruption_level, config.model.alpha)
+            kwargs["corruption_level"] = config.corruption_level
         self.model = _partial(density_model, **kwargs)
         self.guide = _partial(
             dequantization_guide, variational=config.dequantization == "variational", **kwargs
@@ -167,11 +170,16 @@ class Density:
         )
         # the uniform-dequantization bound of the same model, for comparison
         self._loss_uniform = self._loss
-        if config.dequantization == "variational":
-            uniform_guide = _partial(dequantization_guide, variational=False, **kwargs)
+        if config.dequantization != "uniform":
+            uniform_model = _partial(density_model, uniform=True, **eval_kwargs)
+            uniform_guide = _partial(dequantization_guide, uniform=True, **kwargs)
             self._loss_uniform = jit(
-                lambda key, params, k, y: elbo.loss(key, params, eval_model, uniform_guide, k, y)
+                lambda key, params, k, y: elbo.loss(key, params, uniform_model, uniform_guide, k, y)
             )
+        # sampled images are pixels / (L - 1); corrupted ones come as x = pixels / (c + L - 1)
+        self._pixel_scale = 1.0
+        if config.dequantization == "gaussian":
+            self._pixel_scale = (config.corruption_level + info.levels - 1) / (info.levels - 1)
         self._draw = jax.jit(self._sample_fn, static_argnums=(4,))
         self._template: TrainState | None = None
 
@@ -259,7 +267,10 @@ class Density:
         self, params: dict, temperature: float | Array = 1.0, y: Array | None = None
     ) -> FlowDistribution:
         """The Glow with ``params`` fixed in it, dropout off: the distribution of
-        images in [0, 1] at ``temperature`` (of classes ``y``, conditional models)."""
+        images in [0, 1] at ``temperature`` (of classes ``y``, conditional models).
+        With Gaussian dequantization the images are the corrupted pixels divided
+        by ``c + L - 1`` (:func:`~.model.corrupt`), so the top pixel value is
+        :math:`(L - 1) / (c + L - 1)`, not 1."""
         from numpyro.handlers import seed, substitute
 
         config = dataclasses.replace(self.config.model, dropout=0.0)
@@ -269,7 +280,10 @@ class Density:
 
     def _sample_fn(self, params: dict, key: Array, temperature: Array, y: Array | None, n: int):
         d = self.density(params, temperature, y)
-        return jnp.clip(d.sample(key, () if d.batch_shape else (n,)), 0.0, 1.0)
+        x = d.sample(key, () if d.batch_shape else (n,))
+        if self._pixel_scale != 1.0:
+            x = x * self._pixel_scale
+        return jnp.clip(x, 0.0, 1.0)
 
     def sample(
         self, params: dict, key: Array, n: int, temperature: float, label: int | None = None
