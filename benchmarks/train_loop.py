@@ -21,7 +21,7 @@ without the per-step host work of ``numpyro-glow train``. Modes:
     ``Density.train_step`` (SVI update, parameter average and NaN flag in one
     compiled function, the state donated), N calls on one pre-placed batch.
 ``loop_new``
-    N calls of ``numpyro_glow.train._advance``, the per-step work of today's
+    N calls of ``numpyro_glow.train.run._advance``, the per-step work of today's
     ``train()``: next batch from ``Trainer.batches``, the compiled step
     dispatched without waiting, the throughput clock, the progress bar (which
     reads the loss at most every half second).
@@ -58,18 +58,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_glow import train as T
 from numpyro_glow.data import ImageData, load, train_validation_split
+from numpyro_glow.train import GlowConfig, TrainConfig, Trainer
+from numpyro_glow.train.density import _arrays_only, _carried, _rejoin
+from numpyro_glow.train.report import _Clock, _Progress
+from numpyro_glow.train.run import _advance
 
 RESULTS = Path(__file__).parent / "results"
 
 CONFIGS = {
     # the digits default run (numpyro-glow train)
-    "digits": dict(model=T.GlowConfig(), batch_size=64),
+    "digits": dict(model=GlowConfig(), batch_size=64),
     # the second GPU row: 28x28x1 (random pixels stand in for MNIST), K=16, 256 ch
-    "mnist28": dict(model=T.GlowConfig(levels=2, depth=16, hidden_channels=256), batch_size=64),
+    "mnist28": dict(model=GlowConfig(levels=2, depth=16, hidden_channels=256), batch_size=64),
     # smoke run
-    "tiny": dict(model=T.GlowConfig(levels=1, depth=1, hidden_channels=4), batch_size=16),
+    "tiny": dict(model=GlowConfig(levels=1, depth=1, hidden_channels=4), batch_size=16),
 }
 
 
@@ -112,9 +115,9 @@ def _prefetch(batches, depth: int = 2):
 class Bench:
     def __init__(self, config_name: str):
         cfg = CONFIGS[config_name]
-        self.config = T.TrainConfig(steps=10**9, dequantization="variational", progress=True, **cfg)
+        self.config = TrainConfig(steps=10**9, dequantization="variational", progress=True, **cfg)
         train, validation = _data(config_name)
-        self.trainer = T.Trainer(self.config, train, validation)
+        self.trainer = Trainer(self.config, train, validation)
         self.density = self.trainer.density
         self.devnull = open(os.devnull, "w")  # noqa: SIM115 - closed in close()
         state = self.trainer.init_state()
@@ -127,7 +130,7 @@ class Bench:
         self.old_step = 0
         self.old_key = jax.random.PRNGKey(self.config.seed + 1)
         # new: one state per new mode (each is donated step after step)
-        arrays = T._arrays_only(state)
+        arrays = _arrays_only(state)
         self.states = {m: jax.tree.map(jnp.copy, arrays) for m in NEW_MODES}
         self.iters = {
             "loop_new": self.trainer.batches(0),
@@ -141,9 +144,9 @@ class Bench:
         )
         self.perm_cache: tuple[int, np.ndarray] | None = None
         self.bars = {
-            m: T._Progress(self.config, 0, file=self.devnull) for m in ("loop_old", *NEW_MODES)
+            m: _Progress(self.config, 0, file=self.devnull) for m in ("loop_old", *NEW_MODES)
         }
-        self.clocks = {m: T._Clock() for m in NEW_MODES}
+        self.clocks = {m: _Clock() for m in NEW_MODES}
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -185,16 +188,16 @@ class Bench:
 
     def bare_new(self, n: int) -> None:
         old = self.states["bare_new"]
-        state, key = T._carried(old), self.trainer.step_key
+        state, key = _carried(old), self.trainer.step_key
         for _ in range(n):
             state = self.density.train_step(state, self.k, self.y, key)
         jax.block_until_ready(state.loss)
-        self.states["bare_new"] = T._rejoin(state, old)
+        self.states["bare_new"] = _rejoin(state, old)
 
     def _loop(self, mode: str, n: int) -> None:
         state, bar, clock = self.states[mode], self.bars[mode], self.clocks[mode]
         for _ in range(n):
-            state = T._advance(self.trainer, state, self.iters[mode], clock, bar, lambda: "-")
+            state = _advance(self.trainer, state, self.iters[mode], clock, bar, lambda: "-")
         jax.block_until_ready(state.loss)
         self.states[mode] = state
 
@@ -207,7 +210,7 @@ class Bench:
     def loop_device_data(self, n: int) -> None:
         mode = "loop_device_data"
         old = self.states[mode]
-        state, bar = T._carried(old), self.bars[mode]
+        state, bar = _carried(old), self.bars[mode]
         n_data, b = len(self.trainer.train_data.x), self.config.batch_size
         step = int(state.step)
         for _ in range(n):
@@ -220,7 +223,7 @@ class Bench:
             bar.update(state, self.trainer, lambda: "-")
             step += 1
         jax.block_until_ready(state.loss)
-        self.states[mode] = T._rejoin(state, old)
+        self.states[mode] = _rejoin(state, old)
 
 
 NEW_MODES = ("bare_new", "loop_new", "loop_prefetch", "loop_device_data")

@@ -1,6 +1,7 @@
 """numpyro-glow: Glow normalizing flows for NumPyro."""
 
 from . import data, nets, transforms
+from ._version import __version__ as __version__
 from .autoguide import AutoGlow
 from .distribution import FlowDistribution, StickTheLanding, bits_per_dim
 from .glow import glow
@@ -18,8 +19,6 @@ from .transforms import (
     Split,
     Squeeze,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AutoGlow",

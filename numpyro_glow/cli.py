@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .options import POSITIVE, Validated, add_arguments, at_least, from_arguments, option
 
 __all__ = [
@@ -193,7 +193,8 @@ def _sample(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from .train import _save_png, load_model
+    from .train import load_model
+    from .train.report import _save_png
 
     opts = from_arguments(SampleOptions, args)
     density, params, _ = load_model(opts.checkpoint)

@@ -29,6 +29,7 @@ from jax import Array
 from numpyro.infer.reparam import TransformReparam
 
 from .distribution import FlowDistribution
+from .train.checkpoints import load_model
 
 __all__ = ["load_glow", "inpainting_model"]
 
@@ -50,8 +51,6 @@ def load_glow(
     (:func:`numpyro_glow.train.load_model`): ``FileNotFoundError`` if it is
     missing, ``ValueError`` naming the file otherwise.
     """
-    from .train import load_model
-
     density, params, _ = load_model(path)
     classes = density.num_classes
     if classes is None and label is not None:

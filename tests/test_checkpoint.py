@@ -253,7 +253,7 @@ def test_old_pickle_checkpoint_converts_only_when_trusted(tiny_run, tmp_path, ca
 
 
 def _template(density):
-    from numpyro_glow.train import _arrays_only
+    from numpyro_glow.train.density import _arrays_only
 
     return _arrays_only(density.state_template())
 

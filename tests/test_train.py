@@ -9,8 +9,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import stat
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -320,3 +322,23 @@ def test_cli_train_sample_evaluate_on_npz(tiny_run, small_npz, tmp_path, capsys)
         assert cli.main(["evaluate", path]) == 0
         result = _strict_json(capsys.readouterr().out.strip().splitlines()[-1])
         assert result["test_images"] == 12 and math.isfinite(result["test_bpd"])
+
+
+def test_progress_bar_shows_the_throughput_of_metrics(tmp_path, capsys):
+    """The bar's images/s are those of the steps done, as in metrics.jsonl (not those
+    dispatched): on a model whose steps take longer than their dispatch, the two
+    agree within 15%."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(1200, 8, 8, 1)).astype(np.uint8)
+    data = Splits(ImageData(x[:1100], None, 5, "r"), ImageData(x[1100:], None, 5, "r"))
+    model = GlowConfig(levels=1, depth=1, hidden_channels=32)
+    config = _config(tmp_path, model=model, batch_size=512, steps=250, progress=True)
+    config = dataclasses.replace(config, eval_every=250, checkpoint_every=250)
+    config = dataclasses.replace(config, temperatures=(1.0,), validation_size=0.1)
+    train(config, data=data)
+    shown = [float(v) for v in re.findall(r"img_s=(\d+)", capsys.readouterr().err)]
+    shown = [v for i, v in enumerate(shown) if i == 0 or v != shown[i - 1]]  # redrawn
+    (record,) = [r for r in _metrics(tmp_path / "run") if "step" in r]
+    assert len(shown) >= 2, shown
+    ratio = statistics.median(shown) / record["images_per_sec"]
+    assert 0.85 <= ratio <= 1.15, (shown, record["images_per_sec"])
