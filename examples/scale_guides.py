@@ -19,11 +19,12 @@ Posteriors (``--problems``; latent dimension ``d``):
   hyperparameters; 542).
 
 Reference moments of the unconstrained latent vector come from long NUTS runs
-(``--make-reference``, 4 chains x 2,000 draws after 1,000 warm-up, stored in
-``benchmarks/results/scale_reference.npz``). For each guide and posterior the
+(``--make-reference``, every normal site non-centered, ``--ref-chains`` chains
+of 2,000 draws after 1,000 warm-up; the funnel's are exact), stored in
+``benchmarks/results/scale_reference.npz``. For each guide and posterior the
 script reports the parameter count, compile time, milliseconds per step, peak
 memory (each guide runs in its own process; peak resident memory of that
-process), the ELBO (``--eval-particles`` draws) and the error of the guide's
+process, read after training), the ELBO (``--eval-particles`` draws) and the error of the guide's
 means and standard deviations against the reference, in reference standard
 deviations (mean and max over coordinates). Two protocols: ``steps`` (every
 guide ``--steps`` one-sample ``Trace_ELBO`` steps, Adam 3e-3 decaying to 3e-4)
@@ -179,7 +180,8 @@ GUIDES = {
 
 def unconstrained(model):
     """``(flatten, dim)``: a function from a dict of unconstrained site values to
-    the flat vector NumPyro's ``AutoContinuous`` guides use, and its size."""
+    one flat vector (sites in name order: the same for the reference and for
+    every guide's draws), and its size."""
     info = initialize_model(jax.random.PRNGKey(0), model)
     flat, _ = ravel_pytree(info.param_info.z)
     return (lambda z: ravel_pytree(z)[0]), flat.shape[0]
@@ -212,8 +214,9 @@ def reference(model, warmup: int, draws: int, chains: int, seed: int = 0) -> dic
 
 
 def _noncentered(site: dict):
-    """Every latent normal site sampled non-centered (so the reference sampler
-    meets no funnel); the site's value is still recorded."""
+    """Every latent normal site sampled non-centered (the hierarchies' funnels
+    disappear; other sites, a Gaussian random walk for one, stay as they are);
+    the site's value is still recorded."""
     fn = site["fn"]
     while isinstance(fn, dist.ExpandedDistribution | dist.Independent):
         fn = fn.base_dist
@@ -233,51 +236,50 @@ def _unconstrain(info, name):
 # --- fitting ------------------------------------------------------------------
 
 
-def fit(problem: str, guide_name: str, steps: int, seconds: float | None, particles: int):
-    """Fit one guide; returns the row of the table."""
-    model = make_problems()[problem]
-    guide = GUIDES[guide_name](model)
-    t0 = time.perf_counter()
+def _train(model, guide, steps: int, particles: int):
+    """``steps`` SVI steps, Adam on :func:`compare_guides.schedule`. Returns the
+    parameters, the last loss, the first step's seconds (compilation) and the
+    other steps' seconds."""
     loss = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1)
-    probe = None
-    if seconds is not None:  # measure the step time, then set the steps to fill the budget
-        svi = SVI(model, guide, numpyro.optim.Adam(1e-3), loss)
-        update = jax.jit(svi.update)
-        state, _ = update(svi.init(jax.random.PRNGKey(0)))
-        jax.block_until_ready(state)
-        t1 = time.perf_counter()
-        for _ in range(20):
-            state, _ = update(state)
-        jax.block_until_ready(state)
-        probe = (time.perf_counter() - t1) / 20
-        compile_s = t1 - t0
-        steps = max(2, int((seconds - compile_s) / probe))
-        guide = GUIDES[guide_name](model)
     optim = numpyro.optim.optax_to_numpyro(optax.adam(compare_guides.schedule(steps)))
     svi = SVI(model, guide, optim, loss)
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     update = jax.jit(svi.update)
-    state, first = update(svi.init(jax.random.PRNGKey(0)))
+    state, value = update(svi.init(jax.random.PRNGKey(0)))
     jax.block_until_ready(state)
     t1 = time.perf_counter()
-    value = first
     for _ in range(steps - 1):
         state, value = update(state)
     params = jax.block_until_ready(svi.get_params(state))
-    t2 = time.perf_counter()
+    return params, float(value), t1 - t0, time.perf_counter() - t1
+
+
+def fit(problem: str, guide_name: str, args) -> dict:
+    """Fit one guide to one posterior; the row of the table."""
+    model = make_problems()[problem]
+    steps = args.steps
+    if args.budget is not None:
+        # a probe of 21 steps measures the compilation and the step time; the
+        # run then lasts about `budget` seconds, its own compilation included
+        _, _, compile_s, run_s = _train(model, GUIDES[guide_name](model), 21, args.particles)
+        steps = max(2, int((args.budget - compile_s) / (run_s / 20)))
+        jax.clear_caches()  # the run compiles afresh, as a user's would
+    guide = GUIDES[guide_name](model)
+    params, final, compile_s, run_s = _train(model, guide, steps, args.particles)
     row = {
         "guide": guide_name,
         "problem": problem,
         "steps": steps,
         "params": int(sum(np.size(v) for v in jax.tree.leaves(params))),
-        "compile_s": t1 - t_start,
-        "ms_per_step": 1e3 * (t2 - t1) / max(steps - 1, 1),
-        "wall_s": t2 - t0,
-        "final_loss": float(value),
+        "compile_s": compile_s,
+        "ms_per_step": 1e3 * run_s / max(steps - 1, 1),
+        "wall_s": compile_s + run_s,
+        # peak resident memory of this process, read before the evaluation
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_loss": final,
+        "elbo": compare_guides.elbo(model, guide, params, args.eval_particles),
     }
-    row["elbo"] = compare_guides.elbo(model, guide, params, 1000)
     row.update(moment_errors(problem, model, guide, params))
-    row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return row
 
 
@@ -315,21 +317,53 @@ def moment_errors(problem, model, guide, params) -> dict:
 # --- driver -------------------------------------------------------------------
 
 
+def exact_reference() -> dict[str, np.ndarray]:
+    """The 10-d funnel's moments in closed form: ``v ~ N(0, 3)``, and each
+    ``x_i`` has mean 0 and variance ``E[exp(v)] = exp(9/2)``."""
+    return {
+        "funnel/mean": np.zeros(10, np.float32),
+        "funnel/sd": np.array([3.0] + [math.exp(9 / 4)] * 9, np.float32),
+        "funnel/divergences": np.asarray(0),
+    }
+
+
 def make_reference(problems, args) -> None:
-    stored = dict(np.load(REFERENCE)) if REFERENCE.exists() else {}
+    """Add NUTS references for ``problems`` to the stored ones (written atomically)."""
+    stored = exact_reference()
+    if REFERENCE.exists():
+        with np.load(REFERENCE) as old:
+            stored = {**dict(old), **stored}
     for name in problems:
+        if f"{name}/mean" in exact_reference():
+            continue
         ref = reference(make_problems()[name], args.ref_warmup, args.ref_draws, args.ref_chains)
         seconds, divergences = ref["seconds"], ref["divergences"]
         print(f"{name}: NUTS {seconds:.0f} s, {divergences} divergences", flush=True)
         stored[f"{name}/mean"], stored[f"{name}/sd"] = ref["mean"], ref["sd"]
-        stored[f"{name}/divergences"] = np.asarray(ref["divergences"])
-        REFERENCE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(REFERENCE, **stored)
+        stored[f"{name}/divergences"] = np.asarray(divergences)
+    REFERENCE.parent.mkdir(parents=True, exist_ok=True)
+    partial = REFERENCE.with_suffix(".partial.npz")
+    np.savez(partial, **stored)
+    partial.replace(REFERENCE)
 
 
 def run_one(args) -> None:
-    row = fit(args.one[0], args.one[1], args.steps, args.budget, args.particles)
+    row = fit(args.one[0], args.one[1], args)
     print("ROW " + json.dumps(row), flush=True)
+
+
+def _run(cmd: list[str], timeout: float) -> dict:
+    """One guide on one posterior in its own process (so that its peak memory
+    is its own); a failure becomes a row with an ``error``."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
+    if found:
+        return json.loads(found[-1][4:])
+    tail = (out.stderr or "").strip().splitlines()[-1:]
+    return {"error": " ".join(tail) or f"exit status {out.returncode}"}
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -341,21 +375,50 @@ def main(args: argparse.Namespace) -> list[dict]:
             for protocol in args.protocols:
                 cmd = [sys.executable, __file__, "--one", problem, guide]
                 cmd += ["--steps", str(args.steps), "--particles", str(args.particles)]
+                cmd += ["--eval-particles", str(args.eval_particles)]
                 if protocol == "time":
                     cmd += ["--budget", str(args.seconds)]
-                out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                found = [ln for ln in out.stdout.splitlines() if ln.startswith("ROW ")]
-                if found:
-                    row = json.loads(found[-1][4:])
-                else:
-                    tail = (out.stderr or "").strip().splitlines()[-1:]
-                    row = {"guide": guide, "problem": problem, "error": " ".join(tail)}
+                row = _run(cmd, args.timeout) | {"guide": guide, "problem": problem}
                 row["protocol"] = protocol
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if args.out:
                     Path(args.out).write_text(json.dumps(rows, indent=1))
     return rows
+
+
+COLUMNS = (
+    ("guide", "guide", "{}"),
+    ("steps", "steps", "{}"),
+    ("params", "parameters", "{:,}"),
+    ("compile_s", "compile s", "{:.1f}"),
+    ("ms_per_step", "ms/step", "{:.2f}"),
+    ("peak_mb", "peak MB", "{:.0f}"),
+    ("elbo", "ELBO", "{:.2f}"),
+    ("mean_err", "mean err", "{:.3f}"),
+    ("mean_err_max", "(max)", "{:.2f}"),
+    ("sd_err", "sd err", "{:.3f}"),
+    ("sd_err_max", "(max)", "{:.2f}"),
+)
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table per posterior and protocol."""
+    out = []
+    keys = dict.fromkeys((r["problem"], r["protocol"]) for r in rows)
+    for problem, protocol in keys:
+        out.append(f"\n{problem}, {protocol}\n")
+        out.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
+        out.append("|" + "---|" * len(COLUMNS))
+        for r in rows:
+            if (r["problem"], r["protocol"]) != (problem, protocol):
+                continue
+            if "error" in r:
+                out.append(f"| {r['guide']} | failed: {r['error'][:80]} |")
+                continue
+            cells = [fmt.format(r[k]) if k in r else "" for k, _, fmt in COLUMNS]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -367,19 +430,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--budget", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--particles", type=int, default=1)
+    p.add_argument("--eval-particles", type=int, default=1000)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--make-reference", action="store_true")
     p.add_argument("--ref-warmup", type=int, default=1000)
     p.add_argument("--ref-draws", type=int, default=2000)
-    p.add_argument("--ref-chains", type=int, default=4)
+    p.add_argument("--ref-chains", type=int, default=2)
     p.add_argument("--one", nargs=2, metavar=("PROBLEM", "GUIDE"), help=argparse.SUPPRESS)
     p.add_argument("--out")
+    p.add_argument("--table", metavar="JSON", help="print the tables of a results file and exit")
     return p
 
 
 if __name__ == "__main__":
     arguments = parser().parse_args()
-    if arguments.one:
+    if arguments.table:
+        print(table(json.loads(Path(arguments.table).read_text())))
+    elif arguments.one:
         run_one(arguments)
     else:
         main(arguments)

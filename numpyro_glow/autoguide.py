@@ -69,7 +69,8 @@ class AutoGlow(AutoContinuous):
 
         z = \mu + A\, f_K \circ \dots \circ f_1(\epsilon), \quad
         \epsilon \sim \mathcal N(0, I), \qquad
-        f_k = \text{coupling}_k \circ \text{LU}_k ,
+        f_k = \text{coupling}_k \circ \text{LU}_k
+        \;(\text{or } f_k = \text{coupling}_k \text{ for } d > 64),
 
     where each step is a masked coupling (:func:`coupling_masks`) whose MLP
     conditioner sees the kept coordinates: an affine coupling
@@ -86,7 +87,10 @@ class AutoGlow(AutoContinuous):
     coordinates (NumPyro lists a model's sites in model order, global
     parameters first), a dense "arrow" from them to every other coordinate, and
     a first-order recurrence along the others (a Markov chain such as a random
-    walk in model order). So above 64 latents nothing is :math:`d \times d`:
+    walk in model order; a site listed after such a chain, a global one
+    included, is linked to its last coordinate and to the leading block only
+    linearly, and to everything through the couplings). So above 64 latents
+    nothing is :math:`d \times d`:
     parameters and the cost of a step grow linearly in :math:`d`. For
     :math:`d \le 64`, :math:`A` is the full lower-triangular matrix of
     :class:`~numpyro.infer.autoguide.AutoMultivariateNormal`, parametrised and
@@ -96,8 +100,9 @@ class AutoGlow(AutoContinuous):
     per step, all the weights into a unit in the same direction at first, so a
     layer's output moves by about the learning rate times its fan-in. Each
     conditioner layer's weights therefore enter multiplied by
-    ``min(1, 10 / fan_in)`` and the LU maps' off-diagonal parameters divided by
-    :math:`d`, so that one optimiser step changes each map by about the
+    ``min(1, 10 / fan_in)`` (biases, whose fan-in is 1, are not scaled), the
+    LU maps' off-diagonal parameters divided by :math:`d` and the head's arrow
+    divided by its fan-in, so that one optimiser step changes each map by about the
     learning rate at any size, and 16 steps train at Adam's usual learning
     rates. Every step starts as the identity, so at initialisation the guide is
     :math:`\mathcal N(\mu_0, \sigma_0^2 I)`, with :math:`\mu_0` from
@@ -262,13 +267,14 @@ class AutoGlow(AutoContinuous):
         if n == 0:  # AutoMultivariateNormal's head, its parameters only
             empty = jnp.zeros(0)
             return ArrowAffine(loc, scale_tril, jnp.zeros((0, m)), empty, empty)
-        cross = numpyro.param(f"{self.prefix}_cross", jnp.zeros((n, m)))
+        # divided by its fan-in m, as the conditioners' weights (see _flow)
+        cross = numpyro.param(f"{self.prefix}_cross", jnp.zeros((n, m))) / m
         scale = numpyro.param(
             f"{self.prefix}_scale",
             jnp.full(n, self._init_scale),
             constraint=constraints.softplus_positive,
         )
-        rho = numpyro.param(f"{self.prefix}_rho", jnp.zeros(n))
+        rho = numpyro.param(f"{self.prefix}_rho", jnp.zeros(n - 1))
         return ArrowAffine(loc, scale_tril, cross, scale, rho)
 
     def _get_posterior(self):

@@ -150,6 +150,7 @@ def guide_steps():
 def arrow(seed, d=5, lead=2):
     """AutoGlow's head: a 2x2 lower-triangular block, an arrow to the other three
     coordinates and their recurrence (one coefficient above 1)."""
+    assert d - lead == 3
     k = jax.random.split(_key(seed), 5)
     tril = np.tril(0.3 * np.asarray(jax.random.normal(k[0], (lead, lead)))) + np.eye(lead)
     return ArrowAffine(
@@ -157,7 +158,7 @@ def arrow(seed, d=5, lead=2):
         tril,
         0.5 * jax.random.normal(k[2], (d - lead, lead)),
         np.exp(0.3 * np.asarray(jax.random.normal(k[3], (d - lead,)))),
-        np.array([0.4, 1.2, -0.7], np.float32),
+        np.array([1.2, -0.7], np.float32),
     )
 
 

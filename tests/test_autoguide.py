@@ -244,8 +244,9 @@ def test_parameters_grow_linearly_in_the_dimension():
     assert counts[800] < 2.05 * counts[400]
 
 
-def test_structured_head_is_isotropic_at_init():
-    """Above DENSE_DIM the guide still starts as N(init_loc, init_scale^2 I)."""
+def test_structured_head_starts_isotropic_and_stays_consistent():
+    """Above DENSE_DIM the guide starts as N(init_loc, init_scale^2 I); with its
+    parameters moved, ``log_prob`` agrees with the transform's log-determinant."""
     model = wide_model(80)
     guide = AutoGlow(model, num_flows=2, hidden_dims=(8,), init_scale=0.5)
     svi = SVI(model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
@@ -254,6 +255,19 @@ def test_structured_head_is_isotropic_at_init():
     np.testing.assert_allclose(
         guide.get_transform(p)(eps), guide._init_latent + 0.5 * eps, atol=1e-5
     )
+    # moved away from the identity: round trip and log density stay consistent
+    leaves, tree = jax.tree.flatten(p)
+    keys = jax.random.split(KEY, len(leaves))
+    p = tree.unflatten(
+        [x + 0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+    p["auto_scale"] = jnp.abs(p["auto_scale"])  # the constraints' values
+    p["auto_scale_tril"] = jnp.tril(p["auto_scale_tril"], -1) + 0.5 * jnp.identity(64)
+    transform = guide.get_transform(p)
+    z = transform(eps)
+    np.testing.assert_allclose(transform.inv(z), eps, atol=1e-4)
+    expected = guide.get_base_dist().log_prob(eps) - transform.log_abs_det_jacobian(eps, z)
+    np.testing.assert_allclose(guide.get_posterior(p).log_prob(z), expected, rtol=1e-4)
 
 
 def stochastic_volatility(returns):

@@ -39,6 +39,27 @@ def test_compare_guides(tmp_path):
     assert "| eight_schools |" in example.table(results)
 
 
+@pytest.mark.slow  # one subprocess per guide and protocol
+def test_scale_guides(tmp_path):
+    example = _load("scale_guides")
+    out = tmp_path / "scale.json"
+    args = example.parser().parse_args(
+        ["--problems", "eight_schools", "--guides", "AutoGlow", "AutoNormal"]
+        + ["--protocols", "steps", "time", "--steps", "20", "--seconds", "15"]
+        + ["--out", str(out)]
+    )
+    rows = example.main(args)
+    assert len(rows) == 4 and json.loads(out.read_text()) == rows
+    for row in rows:
+        assert "error" not in row, row
+        assert math.isfinite(row["elbo"]) and row["params"] > 0 and row["peak_mb"] > 0
+        # moments against the stored NUTS reference
+        assert 0 <= row["mean_err"] < 10 and 0 <= row["sd_err"] < 10
+    steps = {(r["guide"], r["protocol"]): r["steps"] for r in rows}
+    assert steps[("AutoGlow", "steps")] == 20 and steps[("AutoNormal", "time")] > 20
+    assert "| AutoGlow |" in example.table(rows)
+
+
 @pytest.mark.slow  # SVI then NUTS twice; NeuTra itself is tested in test_autoguide
 def test_neutra_funnel(tmp_path):
     example = _load("neutra_funnel")

@@ -37,7 +37,7 @@ class ArrowAffine(GlowTransform):
     .. math::
 
         y_g &= \mu_g + L x_g, \\
-        u_i &= \rho_i u_{i-1} + s_i x_{l,i} \quad (u_0 = s_0 x_{l,0}), \qquad
+        u_0 &= s_0 x_{l,0}, \quad u_i = \rho_i u_{i-1} + s_i x_{l,i} \;(i \ge 1), \qquad
         y_l = \mu_l + u + C x_g, \\
         \log|\det J| &= \textstyle\sum_j \log L_{jj} + \sum_i \log s_i ;
 
@@ -71,6 +71,11 @@ class ArrowAffine(GlowTransform):
     def lead(self) -> int:
         return self.scale_tril.shape[-1]
 
+    def _coefficients(self) -> Array:
+        """``(0, rho_1, ..., rho_{n-1})``: the first coordinate has no predecessor."""
+        n = self.scale.shape[-1]
+        return jnp.concatenate([jnp.zeros(1, self.rho.dtype), self.rho])[:n]
+
     def _check(self, x: Array) -> None:
         check_event("ArrowAffine", x, 1, self.loc.shape[-1])
 
@@ -83,7 +88,7 @@ class ArrowAffine(GlowTransform):
         m = self.lead
         x_g, x_l = x[..., :m], x[..., m:]
         y_g = self.loc[:m] + x_g @ self.scale_tril.T
-        u = _recurrence(self.rho, self.scale * x_l)
+        u = _recurrence(self._coefficients(), self.scale * x_l)
         y_l = self.loc[m:] + u + x_g @ self.cross.T
         return jnp.concatenate([y_g, y_l], axis=-1), self._log_det(x)
 
@@ -95,7 +100,7 @@ class ArrowAffine(GlowTransform):
         x_g = solve_triangular(self.scale_tril, r.T, lower=True).T.reshape(y_g.shape)
         u = y_l - self.loc[m:] - x_g @ self.cross.T
         previous = jnp.concatenate([jnp.zeros_like(u[..., :1]), u[..., :-1]], axis=-1)
-        x_l = (u - self.rho * previous) / self.scale
+        x_l = (u - self._coefficients() * previous) / self.scale
         return jnp.concatenate([x_g, x_l], axis=-1), -self._log_det(y)
 
     def tree_flatten(self):
