@@ -250,8 +250,9 @@ def _train(model, guide, steps: int, particles: int):
     t1 = time.perf_counter()
     for _ in range(steps - 1):
         state, value = update(state)
-    params = jax.block_until_ready(svi.get_params(state))
-    return params, float(value), t1 - t0, time.perf_counter() - t1
+    jax.block_until_ready(state)
+    t2 = time.perf_counter()
+    return svi.get_params(state), float(value), t1 - t0, t2 - t1
 
 
 def fit(problem: str, guide_name: str, args) -> dict:
@@ -259,10 +260,10 @@ def fit(problem: str, guide_name: str, args) -> dict:
     model = make_problems()[problem]
     steps = args.steps
     if args.budget is not None:
-        # a probe of 21 steps measures the compilation and the step time; the
+        # a probe of 101 steps measures the compilation and the step time; the
         # run then lasts about `budget` seconds, its own compilation included
-        _, _, compile_s, run_s = _train(model, GUIDES[guide_name](model), 21, args.particles)
-        steps = max(2, int((args.budget - compile_s) / (run_s / 20)))
+        _, _, compile_s, run_s = _train(model, GUIDES[guide_name](model), 101, args.particles)
+        steps = max(2, int((args.budget - compile_s) / (run_s / 100)))
         jax.clear_caches()  # the run compiles afresh, as a user's would
     guide = GUIDES[guide_name](model)
     params, final, compile_s, run_s = _train(model, guide, steps, args.particles)
