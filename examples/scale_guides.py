@@ -403,22 +403,54 @@ COLUMNS = (
 )
 
 
+def summary(rows: list[dict]) -> str:
+    """One line per posterior and protocol: AutoGlow's ELBO and mean moment
+    errors against the best other guide's, and its step time over
+    AutoIAFNormal's."""
+    head = ["posterior", "protocol", "AutoGlow ELBO", "best other", "its ELBO", "difference"]
+    head += ["AutoGlow mean/sd err", "best other's", "ms/step vs IAF"]
+    out = [".. csv-table:: AutoGlow against the best other guide", "   :header: "]
+    out[-1] += ", ".join(f'"{h}"' for h in head)
+    out.append("")
+    for problem, protocol in dict.fromkeys((r["problem"], r["protocol"]) for r in rows):
+        group = {
+            r["guide"]: r for r in rows if (r["problem"], r["protocol"]) == (problem, protocol)
+        }
+        glow = group.get("AutoGlow", {})
+        others = [
+            r
+            for g, r in group.items()
+            if g != "AutoGlow" and math.isfinite(r.get("elbo", math.nan))
+        ]
+        if "elbo" not in glow or not others:
+            continue
+        best = max(others, key=lambda r: r["elbo"])
+        iaf = group.get("AutoIAFNormal", {}).get("ms_per_step")
+        cells = [problem, protocol, f"{glow['elbo']:.2f}", best["guide"], f"{best['elbo']:.2f}"]
+        cells += [f"{glow['elbo'] - best['elbo']:+.2f}"]
+        cells += [f"{glow.get('mean_err', math.nan):.3f} / {glow.get('sd_err', math.nan):.3f}"]
+        cells += [f"{best.get('mean_err', math.nan):.3f} / {best.get('sd_err', math.nan):.3f}"]
+        cells += [f"{glow['ms_per_step'] / iaf:.1f}x" if iaf else ""]
+        out.append("   " + ", ".join(f'"{c}"' for c in cells))
+    return "\n".join(out) + "\n"
+
+
 def table(rows: list[dict]) -> str:
-    """A Markdown table per posterior and protocol."""
+    """An reStructuredText table per posterior and protocol."""
     out = []
     keys = dict.fromkeys((r["problem"], r["protocol"]) for r in rows)
     for problem, protocol in keys:
-        out.append(f"\n{problem}, {protocol}\n")
-        out.append("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
-        out.append("|" + "---|" * len(COLUMNS))
+        header = ", ".join(f'"{title}"' for _, title, _ in COLUMNS)
+        out += [f".. csv-table:: {problem}, {protocol}", f"   :header: {header}", ""]
         for r in rows:
             if (r["problem"], r["protocol"]) != (problem, protocol):
                 continue
             if "error" in r:
-                out.append(f"| {r['guide']} | failed: {r['error'][:80]} |")
-                continue
-            cells = [fmt.format(r[k]) if k in r else "" for k, _, fmt in COLUMNS]
-            out.append("| " + " | ".join(cells) + " |")
+                cells = [r["guide"], f"failed: {r['error'][:80]}"] + [""] * (len(COLUMNS) - 2)
+            else:
+                cells = [fmt.format(r[k]) if k in r else "" for k, _, fmt in COLUMNS]
+            out.append("   " + ", ".join(f'"{c}"' for c in cells))
+        out.append("")
     return "\n".join(out)
 
 
@@ -446,7 +478,8 @@ def parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     arguments = parser().parse_args()
     if arguments.table:
-        print(table(json.loads(Path(arguments.table).read_text())))
+        results = json.loads(Path(arguments.table).read_text())
+        print(summary(results) + "\n" + table(results))
     elif arguments.one:
         run_one(arguments)
     else:

@@ -100,7 +100,9 @@ class AutoGlow(AutoContinuous):
     per step, all the weights into a unit in the same direction at first, so a
     layer's output moves by about the learning rate times its fan-in. Each
     conditioner layer's weights therefore enter multiplied by
-    ``min(1, 10 / fan_in)`` (biases, whose fan-in is 1, are not scaled), the
+    ``min(1, 10 / fan_in)`` (biases, whose fan-in is 1, are not scaled; above
+    64 latents, where no linear maps share the work, the last layer's also by
+    :math:`1/K`, since the :math:`K` steps' shifts add up coherently too), the
     LU maps' off-diagonal parameters divided by :math:`d` and the head's arrow
     divided by its fan-in, so that one optimiser step changes each map by about the
     learning rate at any size, and 16 steps train at Adam's usual learning
@@ -225,6 +227,10 @@ class AutoGlow(AutoContinuous):
         # initialisation is unchanged), which keeps one optimiser step's change to
         # each map of the order of the learning rate at any dimension and width.
         mult = [min(1.0, WIDTH_SCALE / n) for n in fan_in]
+        if not dense:
+            # the K steps' shifts add up coherently as well: without the dense
+            # maps the couplings alone move a coordinate, by K times one step's change
+            mult[-1] /= k
         masks = jnp.asarray(coupling_masks(d, k))
 
         def init_net(key):
@@ -274,7 +280,11 @@ class AutoGlow(AutoContinuous):
             jnp.full(n, self._init_scale),
             constraint=constraints.softplus_positive,
         )
-        rho = numpyro.param(f"{self.prefix}_rho", jnp.zeros(n - 1))
+        # |rho| < 1: over thousands of coordinates a coefficient above 1
+        # compounds to overflow (a random walk is the limit rho -> 1)
+        rho = numpyro.param(
+            f"{self.prefix}_rho", jnp.zeros(n - 1), constraint=constraints.interval(-1.0, 1.0)
+        )
         return ArrowAffine(loc, scale_tril, cross, scale, rho)
 
     def _get_posterior(self):
