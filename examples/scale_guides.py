@@ -479,7 +479,8 @@ if __name__ == "__main__":
     arguments = parser().parse_args()
     if arguments.table:
         results = json.loads(Path(arguments.table).read_text())
-        print(summary(results) + "\n" + table(results))
+        rows = results["rows"] if isinstance(results, dict) else results  # merged files
+        print(summary(rows) + "\n" + table(rows))
     elif arguments.one:
         run_one(arguments)
     else:
