@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -10,15 +11,26 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from jax import Array
+from jax import Array, lax
 from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.infer.autoguide import AutoContinuous
+from numpyro.distributions.transforms import biject_to
+from numpyro.distributions.util import periodic_repeat, sum_rightmost
+from numpyro.infer.autoguide import AutoContinuous, AutoGuide
 from numpyro.infer.initialization import init_to_uniform
 
 from . import nets
 from .distribution import StickTheLanding
+from .plate_guide import (
+    PlateFlow,
+    PlateLayout,
+    latent_frames,
+    member_context,
+    member_map,
+    subsampled_plates,
+)
 from .transforms import AffineCoupling, ArrowAffine, Chain, Inv1x1ConvLU, Scan, SplineCoupling
+from .transforms.base import GlowTransform
 
 __all__ = ["AutoGlow", "coupling_masks"]
 
@@ -59,6 +71,39 @@ def coupling_masks(dim: int, num_flows: int) -> np.ndarray:
     cycle = [~m for m in bits] + bits[::-1]
     repeats = -(-num_flows // len(cycle))
     return np.stack((cycle * repeats)[-num_flows:]).astype(np.float32)
+
+
+def _multipliers(fan_in: Sequence[int]) -> list[float]:
+    """Each layer's weight multiplier ``min(1, WIDTH_SCALE / fan_in)`` (see AutoGlow)."""
+    return [min(1.0, WIDTH_SCALE / n) for n in fan_in]
+
+
+def _rescaled(layers, mult, inverse: bool = False):
+    """MLP layers with their weights multiplied (or, ``inverse``, divided) by ``mult``."""
+    return [
+        {**lay, "w": lay["w"] / c if inverse else lay["w"] * c}
+        for lay, c in zip(layers, mult, strict=True)
+    ]
+
+
+class _MemberPosterior(dist.Distribution):
+    """The members' latents of one step, ``(B, m)`` as one event: drawn by
+    ``forward(noise)``, scored by ``density(z)`` (the STL or plain log density)."""
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+    reparametrized_params: list = []
+
+    def __init__(self, forward, density, shape: tuple[int, int]):
+        self._forward = forward
+        self._density = density
+        super().__init__(batch_shape=(), event_shape=shape)
+
+    def sample(self, key, sample_shape=()):
+        return self._forward(jax.random.normal(key, tuple(sample_shape) + self.event_shape))
+
+    def log_prob(self, value):
+        return self._density(value)
 
 
 class AutoGlow(AutoContinuous):
@@ -153,6 +198,8 @@ class AutoGlow(AutoContinuous):
         init_scale: float = 1.0,
         stick_the_landing: bool = True,
         num_quantile_samples: int = 4000,
+        local_plate: str | None = "auto",
+        amortize: bool = True,
     ):
         if num_flows < 1:
             raise ValueError(f"AutoGlow: expected num_flows >= 1, got {num_flows}")
@@ -173,6 +220,9 @@ class AutoGlow(AutoContinuous):
         self._hidden_dims = None if hidden_dims is None else tuple(int(h) for h in hidden_dims)
         self._init_scale = init_scale
         self._num_quantile_samples = num_quantile_samples
+        self.local_plate = local_plate
+        self.amortize = amortize
+        self._layout: PlateLayout | None = None
         super().__init__(model, prefix=prefix, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args, **kwargs):
@@ -194,12 +244,69 @@ class AutoGlow(AutoContinuous):
                 f"AutoGlow: expected continuous latent sites only, got discrete site(s) "
                 f"{discrete}; enumerate them out (funsor) or observe them"
             )
-        super()._setup_prototype(*args, **kwargs)
-        if self.latent_dim == 1:
+        subsampled = subsampled_plates(trace)
+        if len(subsampled) > 1:
+            raise ValueError(
+                f"AutoGlow: expected at most one subsampled plate around latent sites, "
+                f"got {subsampled}"
+            )
+        if subsampled and self.local_plate not in ("auto", subsampled[0]):
+            raise ValueError(
+                f"AutoGlow: the plate {subsampled[0]!r} is subsampled, so its members' "
+                f"latents must be local; got local_plate={self.local_plate!r} "
+                f"(use 'auto' or {subsampled[0]!r})"
+            )
+        if subsampled:  # AutoContinuous refuses subsampled latents; the layout handles them
+            AutoGuide._setup_prototype(self, *args, **kwargs)
+        else:
+            super()._setup_prototype(*args, **kwargs)
+        plate = subsampled[0] if subsampled else self._choose_plate(trace)
+        if plate is not None:
+            self._setup_members(plate, *args, **kwargs)
+        elif self.latent_dim == 1:
             raise ValueError(
                 "AutoGlow: the latent dimension is 1, too small to couple; "
                 "use AutoNormal or AutoDiagonalNormal"
             )
+
+    def _choose_plate(self, trace) -> str | None:
+        """The plate whose members get the member flow, without subsampling: the
+        one named by ``local_plate``, or (``"auto"``) above ``DENSE_DIM`` latents
+        the plate holding the most latent coordinates, if any."""
+        frames = latent_frames(trace)
+        if self.local_plate is None:
+            return None
+        if self.local_plate != "auto":
+            if self.local_plate not in frames:
+                raise ValueError(
+                    f"AutoGlow: local_plate={self.local_plate!r} is no plate around a "
+                    f"latent site; the model's are {sorted(frames)}"
+                )
+            return self.local_plate
+        if self.latent_dim <= DENSE_DIM or not frames:
+            return None
+        return max(sorted(frames), key=frames.get)
+
+    def _setup_members(self, plate: str, *args, **kwargs) -> None:
+        """The plate's layout, and every member's standardised data (amortisation)."""
+        layout = PlateLayout(
+            self.prototype_trace, self._init_locs, plate, self._prototype_frame_full_sizes[plate]
+        )
+        self._layout = layout
+        self.latent_dim = layout.global_dim + layout.size * layout.member_dim
+        self._features = None
+        if self.amortize and layout.data:
+            every = {plate: jnp.arange(layout.size)}
+            with handlers.block(), warnings.catch_warnings():
+                # the plate's subsample_size differs from its (full) substituted indices
+                warnings.simplefilter("ignore", UserWarning)
+                model = handlers.substitute(handlers.seed(self.model, 0), data=every)
+                trace = handlers.trace(model).get_trace(*args, **kwargs)
+            x = layout.pack_members(
+                {s.name: trace[s.name]["value"] for s in layout.data}, layout.data
+            )
+            x = jnp.asarray(x, jnp.result_type(float))
+            self._features = (x - x.mean(0)) / (x.std(0) + 1e-6)
 
     def _coupling(self, params, mask: Array):
         if self.coupling == "spline":
@@ -210,23 +317,24 @@ class AutoGlow(AutoContinuous):
         per_channel = 3 * self.num_bins - 1 if self.coupling == "spline" else 2
         return per_channel * dim
 
-    def _widths(self) -> tuple[int, ...]:
-        d = self.latent_dim
+    def _widths(self, d: int) -> tuple[int, ...]:
         return self._hidden_dims or (min(MAX_WIDTH, max(32, 2 * d)),) * 2
 
-    def _flow(self) -> Chain:
-        """The generative map from white noise to the latent vector."""
-        d, k = self.latent_dim, self.num_flows
-        hidden = self._widths()
+    def _flow(self, d: int, init_loc: Array) -> GlowTransform:
+        """The generative map from white noise to a latent vector of ``d``
+        coordinates starting at ``init_loc``: Glow steps (for ``d >= 2``), then the head."""
+        if d == 1:
+            return self._head(d, init_loc)
+        k = self.num_flows
+        hidden = self._widths(d)
         dense = d <= DENSE_DIM
-        fan_in = (d, *hidden)
         # Adam moves every parameter by about the learning rate per step, all the
         # weights into a unit in the same direction at first, so a layer's output
         # moves by about lr * fan_in: each layer's weights enter multiplied by
         # min(1, WIDTH_SCALE / fan_in) (stored divided by it, so the network at
         # initialisation is unchanged), which keeps one optimiser step's change to
         # each map of the order of the learning rate at any dimension and width.
-        mult = [min(1.0, WIDTH_SCALE / n) for n in fan_in]
+        mult = _multipliers((d, *hidden))
         if not dense:
             # the K steps' shifts add up coherently as well: without the dense
             # maps the couplings alone move a coordinate, by K times one step's change
@@ -235,7 +343,7 @@ class AutoGlow(AutoContinuous):
 
         def init_net(key):
             layers = nets.mlp_init(key, d, self._net_outputs(d), hidden)
-            return [{**lay, "w": lay["w"] / c} for lay, c in zip(layers, mult, strict=True)]
+            return _rescaled(layers, mult, inverse=True)
 
         def init_steps(key):
             steps = {"net": jax.vmap(init_net)(jax.random.split(key, k))}
@@ -246,8 +354,7 @@ class AutoGlow(AutoContinuous):
             return steps
 
         p = numpyro.param(f"{self.prefix}_glow_steps", init_steps)
-        net = [{**lay, "w": lay["w"] * c} for lay, c in zip(p["net"], mult, strict=True)]
-        coupling = self._coupling(net, masks)
+        coupling = self._coupling(_rescaled(p["net"], mult), masks)
         if dense:
             # off-diagonals divided by d, for the same reason as the multipliers
             identity = jnp.broadcast_to(jnp.arange(d), (k, d))
@@ -256,14 +363,13 @@ class AutoGlow(AutoContinuous):
             )
             coupling = Chain([linear, coupling])
         steps = Scan(coupling, unroll=1)
-        return Chain([steps, self._head()])
+        return Chain([steps, self._head(d, init_loc)])
 
-    def _head(self) -> ArrowAffine:
+    def _head(self, d: int, init_loc: Array) -> ArrowAffine:
         """The affine head: full lower-Cholesky on the first ``min(d, DENSE_DIM)``
         coordinates, linear in ``d`` beyond them (:class:`ArrowAffine`)."""
-        d = self.latent_dim
         m = min(d, DENSE_DIM)
-        loc = numpyro.param(f"{self.prefix}_loc", self._init_latent)
+        loc = numpyro.param(f"{self.prefix}_loc", init_loc)
         scale_tril = numpyro.param(
             f"{self.prefix}_scale_tril",
             jnp.identity(m) * self._init_scale,
@@ -287,9 +393,173 @@ class AutoGlow(AutoContinuous):
         )
         return ArrowAffine(loc, scale_tril, cross, scale, rho)
 
+    # --- the plate's members ---------------------------------------------------------
+    def _global_flow(self) -> GlowTransform | None:
+        """The globals' flow in plate mode (``None`` when every latent is local)."""
+        layout = self._layout
+        if layout.global_dim == 0:
+            return None
+        return self._flow(layout.global_dim, layout.pack_globals(self._init_locs))
+
+    def _member_params(self) -> dict:
+        """The member flow's shared networks and every member's location and scale
+        (``(G, m)`` each: the only parameters that grow with the plate)."""
+        layout = self._layout
+        m = layout.member_dim
+        c = layout.global_dim + (0 if self._features is None else layout.data_dim) + 2 * m
+        hidden = self._widths(c)
+        affine_mult = _multipliers((c, *hidden))
+        coupling_mult = _multipliers((m + c, *hidden))
+        k = 2 * math.ceil(math.log2(m)) if m >= 2 else 0
+
+        def init(key):
+            key_a, key_c = jax.random.split(key)
+            layers = nets.mlp_init(key_a, c, 2 * m, hidden)
+            net = {"affine": _rescaled(layers, affine_mult, inverse=True)}
+            if k:
+                init_c = lambda key: _rescaled(  # noqa: E731
+                    nets.mlp_init(key, m + c, 2 * m, hidden), coupling_mult, inverse=True
+                )
+                net["couplings"] = jax.vmap(init_c)(jax.random.split(key_c, k))
+            return net
+
+        net = numpyro.param(f"{self.prefix}_member_net", init)
+        params = {"affine": _rescaled(net["affine"], affine_mult)}
+        if k:
+            params["couplings"] = _rescaled(net["couplings"], coupling_mult)
+        init_loc = layout.pack_members(self._init_locs)
+        if layout.subsampled:  # the prototype saw a minibatch: repeat it to every member
+            init_loc = periodic_repeat(init_loc, layout.size, 0)
+        loc = numpyro.param(f"{self.prefix}_member_loc", init_loc)
+        scale = numpyro.param(
+            f"{self.prefix}_member_scale",
+            jnp.full((layout.size, m), self._init_scale),
+            constraint=constraints.softplus_positive,
+        )
+        masks = jnp.asarray(coupling_masks(m, k)) if k else None
+        return {"net": params, "loc": loc, "scale": scale, "masks": masks}
+
+    def _plate_flow(self) -> PlateFlow:
+        """Without subsampling: the whole latent vector's flow (AutoContinuous's layout)."""
+        p = self._member_params()
+        g, members = self._layout.flat_indices()
+        return PlateFlow(
+            self._global_flow(),
+            p["net"],
+            p["loc"],
+            p["scale"],
+            self._features,
+            p["masks"],
+            jnp.asarray(g),
+            jnp.asarray(members),
+            self._layout.pack_globals(self._init_locs),
+        )
+
     def _get_posterior(self):
         cls = StickTheLanding if self.stick_the_landing else dist.TransformedDistribution
-        return cls(self.get_base_dist(), self._flow())
+        if self._layout is None:
+            return cls(self.get_base_dist(), self._flow(self.latent_dim, self._init_latent))
+        if self._layout.subsampled:
+            raise ValueError(
+                f"AutoGlow: the plate {self._layout.plate!r} is subsampled, so the guide "
+                "has no one flow over every latent (get_transform, get_posterior, "
+                "NeuTraReparam); draw every member with sample_posterior"
+            )
+        return cls(self.get_base_dist(), self._plate_flow())
+
+    def __call__(self, *args, **kwargs):
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self._layout is None or not self._layout.subsampled:
+            return super().__call__(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        return self._sample_members(plates[self._layout.plate]._indices)
+
+    def _sample_members(self, index: Array) -> dict[str, Array]:
+        """The guide on the members ``index`` of the subsampled plate: the globals
+        once, the members' latents scaled by ``G / len(index)`` as NumPyro scales
+        the model's sites in the plate."""
+        layout = self._layout
+        flow = self._global_flow()
+        if flow is None:
+            z_g = jnp.zeros(0)
+        else:
+            cls = StickTheLanding if self.stick_the_landing else dist.TransformedDistribution
+            base = dist.Normal(jnp.zeros(layout.global_dim), 1.0).to_event(1)
+            z_g = numpyro.sample(
+                f"_{self.prefix}_global_latent", cls(base, flow), infer={"is_auxiliary": True}
+            )
+        given = z_g - layout.pack_globals(self._init_locs)
+        p = self._member_params()
+        stats = (jnp.mean(p["loc"], 0), jnp.std(p["loc"], 0) + 1.0)
+        features = None if self._features is None else self._features[index]
+        loc, scale = p["loc"][index], p["scale"][index]
+
+        def forward(noise):
+            ctx = member_context(given, features, loc, scale, stats)
+            return member_map(p["net"], ctx, loc, scale, p["masks"], noise, inverse=False)[0]
+
+        def density(z):
+            q = jax.tree.map(lax.stop_gradient, p) if self.stick_the_landing else p
+            q_loc, q_scale = q["loc"][index], q["scale"][index]
+            q_stats = jax.tree.map(lax.stop_gradient, stats)
+            ctx = member_context(given, features, q_loc, q_scale, q_stats)
+            u, log_det = member_map(q["net"], ctx, q_loc, q_scale, q["masks"], z, inverse=True)
+            return jnp.sum(dist.Normal(0.0, 1.0).log_prob(u), (-2, -1)) + jnp.sum(log_det, -1)
+
+        scale_factor = layout.size / index.shape[0]
+        shape = (index.shape[0], layout.member_dim)
+        with handlers.scale(scale=scale_factor):
+            z_l = numpyro.sample(
+                f"_{self.prefix}_member_latent",
+                _MemberPosterior(forward, density, shape),
+                infer={"is_auxiliary": True},
+            )
+        values = {**layout.unpack_globals(z_g), **layout.unpack_members(z_l)}
+        result = {}
+        for s in layout.sites:
+            with handlers.scale(scale=1.0 if s.axis is None else scale_factor):
+                result[s.name] = self._emit(s.name, values[s.name])
+        return result
+
+    def _emit(self, name: str, unconstrained: Array) -> Array:
+        """The model's site ``name`` at a value, with the constraint's log-Jacobian
+        (as AutoContinuous emits its sites)."""
+        site = self.prototype_trace[name]
+        transform = biject_to(site["fn"].support)
+        value = transform(unconstrained)
+        log_density = -transform.log_abs_det_jacobian(unconstrained, value)
+        event_dim = site["fn"].event_dim
+        log_density = sum_rightmost(
+            log_density, jnp.ndim(log_density) - jnp.ndim(value) + event_dim
+        )
+        return numpyro.sample(name, dist.Delta(value, log_density=log_density, event_dim=event_dim))
+
+    def sample_posterior(self, rng_key, params, *args, sample_shape=(), **kwargs):
+        """Draws of every latent site (constrained space). With a subsampled plate,
+        every member is drawn, and the plate's name maps to its indices
+        ``0, ..., G - 1``, so that ``Predictive(model, posterior_samples=...)``
+        runs the model over every member."""
+        layout = self._layout
+        if layout is None or not layout.subsampled:
+            return super().sample_posterior(
+                rng_key, params, *args, sample_shape=sample_shape, **kwargs
+            )
+        every = jnp.arange(layout.size)
+
+        def draw(key):
+            guide = handlers.substitute(handlers.seed(self._sample_members, key), data=params)
+            return {
+                name: v["value"]
+                for name, v in handlers.trace(guide).get_trace(every).items()
+                if name in self._init_locs
+            }
+
+        n = math.prod(sample_shape)
+        out = jax.vmap(draw)(jax.random.split(rng_key, n))
+        out = {k: v.reshape(tuple(sample_shape) + v.shape[1:]) for k, v in out.items()}
+        out[layout.plate] = jnp.broadcast_to(every, (*sample_shape, layout.size))
+        return out
 
     def get_base_dist(self):
         return dist.Normal(jnp.zeros(self.latent_dim), 1.0).to_event(1)

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("numpyro_glow.transforms",),
     ("numpyro_glow.nets", "numpyro_glow.checkpoint"),
     ("numpyro_glow.distribution",),
+    ("numpyro_glow.plate_guide",),  # AutoGlow's members of a plate
     ("numpyro_glow.glow", "numpyro_glow.autoguide"),
     # the training layer, one job per module
     ("numpyro_glow.train.config",),
