@@ -164,7 +164,15 @@ class AutoGlow(AutoContinuous):
     step, and a gradient whose variance vanishes as the guide approaches the
     posterior.
 
-    Everything :class:`~numpyro.infer.autoguide.AutoContinuous` offers works:
+    **Plates.** With a plate of many members (``local_plate``), the latents
+    outside it keep this flow and each member's latents get a flow shared by
+    all members and conditioned on the globals, the member's data and its own
+    location and scale (:mod:`numpyro_glow.plate_guide`): parameters grow by two
+    per member coordinate, and a subsampled plate is supported (a step touches
+    the minibatch's members only; ``sample_posterior`` draws every member).
+
+    Everything :class:`~numpyro.infer.autoguide.AutoContinuous` offers works
+    (without a subsampled plate):
     ``SVI``, ``sample_posterior``, ``get_transform`` / ``get_posterior`` (hence
     :class:`~numpyro.infer.reparam.NeuTraReparam`), ``Predictive``;
     ``median`` and ``quantiles`` are Monte Carlo estimates (a flow has no
@@ -183,6 +191,14 @@ class AutoGlow(AutoContinuous):
     :param init_scale: initial scale :math:`\sigma_0` of the guide.
     :param stick_the_landing: use the path-derivative (STL) gradient.
     :param num_quantile_samples: draws used by ``median`` and ``quantiles``.
+    :param local_plate: the plate whose members get the member flow
+        (:mod:`numpyro_glow.plate_guide`; docs page "AutoGlow on plates"):
+        ``"auto"`` (default) takes the subsampled plate if there is one, else,
+        above ``DENSE_DIM`` latents, the plate holding the most latent
+        coordinates; a plate's name takes that plate; ``None`` keeps one flow
+        over the whole latent vector (refused with a subsampled plate).
+    :param amortize: condition the member flow on each member's observed data
+        inside the plate (read once, for every member, when the guide is set up).
     """
 
     def __init__(
@@ -489,21 +505,23 @@ class AutoGlow(AutoContinuous):
             z_g = numpyro.sample(
                 f"_{self.prefix}_global_latent", cls(base, flow), infer={"is_auxiliary": True}
             )
-        given = z_g - layout.pack_globals(self._init_locs)
+        # the members read the globals' values (relative to their initial values):
+        # the draw's and the log density's alike, the gradient flowing through z_g
+        shifted = z_g - layout.pack_globals(self._init_locs)
         p = self._member_params()
         stats = (jnp.mean(p["loc"], 0), jnp.std(p["loc"], 0) + 1.0)
         features = None if self._features is None else self._features[index]
         loc, scale = p["loc"][index], p["scale"][index]
 
         def forward(noise):
-            ctx = member_context(given, features, loc, scale, stats)
+            ctx = member_context(shifted, features, loc, scale, stats)
             return member_map(p["net"], ctx, loc, scale, p["masks"], noise, inverse=False)[0]
 
         def density(z):
             q = jax.tree.map(lax.stop_gradient, p) if self.stick_the_landing else p
             q_loc, q_scale = q["loc"][index], q["scale"][index]
             q_stats = jax.tree.map(lax.stop_gradient, stats)
-            ctx = member_context(given, features, q_loc, q_scale, q_stats)
+            ctx = member_context(shifted, features, q_loc, q_scale, q_stats)
             u, log_det = member_map(q["net"], ctx, q_loc, q_scale, q["masks"], z, inverse=True)
             return jnp.sum(dist.Normal(0.0, 1.0).log_prob(u), (-2, -1)) + jnp.sum(log_det, -1)
 

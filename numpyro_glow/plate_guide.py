@@ -21,12 +21,14 @@ member, other plates' axes included) drawn by the member flow
     \epsilon_i \sim \mathcal N(0, I_m),
 
 whose networks are shared by all members. The context
-:math:`c_i = (\epsilon_g, \tilde x_i, \tilde\mu_i, \log\sigma_i)` holds the
-globals' white noise (equivalent to :math:`z_g`, since :math:`F` is a
-bijection, and of unit scale whatever the globals' units), the member's
-observed data inside the plate, standardised (amortisation), and its own free
-location and scale, standardised and without gradient (so that the shared
-networks can tell members apart where the data are not inside the plate).
+:math:`c_i = (z_g - z_g^{(0)}, \tilde x_i, \tilde\mu_i, \log\sigma_i)` holds the
+globals' unconstrained values relative to their initial values (the values,
+not their white noise: when the optimiser moves the globals' location, every
+member moves with it as the network has learned, instead of lagging behind as
+in a mean-field guide), the member's observed data inside the plate,
+standardised (amortisation), and its own free location and scale,
+standardised and without gradient (so that the shared networks can tell
+members apart where the data are not inside the plate).
 :math:`h_k` are affine couplings over the member's coordinates (for
 :math:`m \ge 2`) and :math:`b, a` an MLP of the context, :math:`a` bounded to
 :math:`(-3, 1)`. Its log-determinant is
@@ -230,17 +232,22 @@ def _rows(x: Array, ndim: int) -> Array:
 
 
 def member_context(
-    eps_g: Array, features: Array | None, loc: Array, scale: Array, loc_stats: tuple[Array, Array]
+    globals_: Array,
+    features: Array | None,
+    loc: Array,
+    scale: Array,
+    loc_stats: tuple[Array, Array],
 ) -> Array:
-    """``(..., B, c)``: each member's context, from the globals' white noise
-    ``(..., global_dim)``, its standardised data ``(B, data_dim)`` (or ``None``)
-    and its free location and scale ``(B, m)``, standardised by ``loc_stats``
-    (mean and standard deviation over every member) and without gradient."""
+    """``(..., B, c)``: each member's context, from the globals (relative to
+    their initial values) ``(..., global_dim)``, its standardised data
+    ``(B, data_dim)`` (or ``None``) and its free location and scale ``(B, m)``,
+    standardised by ``loc_stats`` (mean and standard deviation over every
+    member) and without gradient."""
     b = loc.shape[0]
-    batch = eps_g.shape[:-1]
+    batch = globals_.shape[:-1]
     mean, sd = loc_stats
     own = lax.stop_gradient(jnp.concatenate([(loc - mean) / sd, jnp.log(scale)], -1))
-    parts = [jnp.broadcast_to(eps_g[..., None, :], (*batch, b, eps_g.shape[-1]))]
+    parts = [jnp.broadcast_to(globals_[..., None, :], (*batch, b, globals_.shape[-1]))]
     if features is not None:
         parts.append(jnp.broadcast_to(features, (*batch, *features.shape)))
     parts.append(jnp.broadcast_to(own, (*batch, *own.shape)))
@@ -307,11 +314,11 @@ class PlateFlow(GlowTransform):
 
     .. math::
 
-        z_g = F(\epsilon_g), \qquad z_i = M(\epsilon_i; c_i(\epsilon_g)),\qquad
+        z_g = F(\epsilon_g), \qquad z_i = M(\epsilon_i; c_i(z_g)),\qquad
         \log|\det J| = \log|\det J_F(\epsilon_g)| + \textstyle\sum_i \log|\det J_M(\epsilon_i)|;
 
-    the inverse recovers :math:`\epsilon_g = F^{-1}(z_g)` first, then each
-    member's noise given it. Block triangular, so a NeuTra reparametrisation
+    the inverse recovers :math:`\epsilon_g = F^{-1}(z_g)` and each member's
+    noise given :math:`z_g`. Block triangular, so a NeuTra reparametrisation
     or ``get_posterior`` sees one bijection with an exact log-determinant.
     """
 
@@ -352,9 +359,8 @@ class PlateFlow(GlowTransform):
             yg, log_det = self.global_flow.forward_and_log_det(xg)
             z_g = yg
         loc_stats = (jnp.mean(self.loc, 0), jnp.std(self.loc, 0) + 1.0)
-        ctx = member_context(
-            z_g - self.global_origin, self.features, self.loc, self.scale, loc_stats
-        )
+        shifted = z_g - self.global_origin
+        ctx = member_context(shifted, self.features, self.loc, self.scale, loc_stats)
         yl, ld = member_map(self.member_params, ctx, self.loc, self.scale, self.masks, xl, inverse)
         y = jnp.zeros_like(x).at[..., self.global_index].set(yg).at[..., self.member_index].set(yl)
         return y, log_det + jnp.sum(ld, -1)
