@@ -33,6 +33,10 @@ returns a train/test :class:`Splits`:
     otherwise the images directly in ``DIR`` are read, without labels. All images
     must have one size. If every image is grayscale ``C=1``, otherwise all are
     converted to RGB (``C=3``). 8-bit images only, ``levels=256``. Seeded split.
+``"stream:DIR"``
+    A data set ``numpyro-glow prepare`` wrote (:mod:`numpyro_glow.stream`): its
+    train and test splits as :class:`~numpyro_glow.stream.StreamImages`, read from
+    disk when indexed, never whole.
 
 :func:`split` reproduces scikit-learn's ``train_test_split(..., test_size,
 random_state=seed)`` index for index, without needing scikit-learn, and
@@ -64,7 +68,7 @@ __all__ = ["ImageData", "Splits", "load", "split", "train_validation_split"]
 
 _EXTRA = 'pip install "numpyro-glow[examples]"'
 _SPEC_FORMS = (
-    '"digits", "mnist:DIR", "cifar10:DIR", "npz:PATH" or "folder:DIR" '
+    '"digits", "mnist:DIR", "cifar10:DIR", "npz:PATH", "folder:DIR" or "stream:DIR" '
     '(for example "mnist:~/data/mnist")'
 )
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -278,8 +282,8 @@ def load(spec: str, *, test_size: float = 0.2, seed: int = 0) -> Splits:
     """Load an image data set and split it into train and test sets.
 
     Args:
-        spec: ``"digits"``, ``"mnist:DIR"``, ``"cifar10:DIR"``, ``"npz:PATH"`` or
-            ``"folder:DIR"`` (see the module docstring for each format). ``~`` in a
+        spec: ``"digits"``, ``"mnist:DIR"``, ``"cifar10:DIR"``, ``"npz:PATH"``,
+            ``"folder:DIR"`` or ``"stream:DIR"`` (see the module docstring for each format). ``~`` in a
             path is expanded.
         test_size: the held-out fraction (or count) for the formats without an
             official split (digits, npz, folder); MNIST and CIFAR-10 use their
@@ -298,8 +302,12 @@ def load(spec: str, *, test_size: float = 0.2, seed: int = 0) -> Splits:
     kind = kind.strip().lower()
     if kind == "digits" and not rest:
         return split(_load_digits(), test_size, seed)
-    if sep and rest and kind in ("mnist", "cifar10", "npz", "folder"):
+    if sep and rest and kind in ("mnist", "cifar10", "npz", "folder", "stream"):
         path = Path(rest).expanduser()
+        if kind == "stream":
+            from .stream import open_stream
+
+            return open_stream(path, spec)
         if kind == "mnist":
             return _load_mnist(path)
         if kind == "cifar10":
@@ -656,11 +664,9 @@ def _is_gray(im: Any) -> bool:
     return False
 
 
-def _load_folder(root: Path, name: str) -> ImageData:
-    _require_dir(root, "image folder")
-    pil = _require("PIL.Image", "Pillow", 'load("folder:...")')
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _folder_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files of ``root`` in sorted order and their class labels: the
+    files under each class folder of ``classes``, or (none) those directly in ``root``."""
     files: list[Path] = []
     labels: list[int] = []
     if classes:
@@ -679,7 +685,7 @@ def _load_folder(root: Path, name: str) -> ImageData:
             warnings.warn(
                 f"{root}: ignoring {len(loose)} image file(s) at the top level (e.g. "
                 f"{loose[0].name}) because the class subdirectories {classes} hold the data",
-                stacklevel=3,
+                stacklevel=4,
             )
     else:
         files = sorted(p for p in root.iterdir() if _is_image(p))
@@ -687,6 +693,15 @@ def _load_folder(root: Path, name: str) -> ImageData:
             raise FileNotFoundError(
                 f"no image files ({', '.join(_IMAGE_EXTENSIONS)}, any case) in {root}"
             )
+    return files, labels
+
+
+def _load_folder(root: Path, name: str) -> ImageData:
+    _require_dir(root, "image folder")
+    pil = _require("PIL.Image", "Pillow", 'load("folder:...")')
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels = _folder_files(root, classes)
 
     errors = (OSError, ValueError, SyntaxError, pil.DecompressionBombError)
     # pass 1: headers only (size, mode), before decoding any pixels
