@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .data import _bits_shift
+
 __all__ = [
     "FORMAT",
     "MANIFEST",
@@ -49,7 +51,6 @@ __all__ = [
     "batches",
     "fingerprint",
     "open_stream",
-    "reduce_bits",
 ]
 
 FORMAT = "numpyro-glow-stream"
@@ -287,37 +288,10 @@ class StreamImages:
         return StreamImages(self.x.take(idx), y, self.levels, self.name, self._num_classes)
 
     def reduce_bits(self, n_bits: int) -> StreamImages:
-        """The same images with ``2**n_bits`` levels (see :func:`reduce_bits`)."""
+        """The same images with ``2**n_bits`` levels, reduced as they are read
+        (:func:`~numpyro_glow.data.reduce_bits`)."""
         shift = _bits_shift(self.levels, n_bits, self.name)
-        return StreamImages(
-            self.x.shifted(shift), self.y, 2**n_bits, self.name, self._num_classes
-        )
-
-
-def _bits_shift(levels: int, n_bits: int, name: str) -> int:
-    bits = levels.bit_length() - 1
-    if levels != 2**bits or not 1 <= n_bits <= bits:
-        raise ValueError(
-            f"--n-bits: {name} has {levels} pixel levels; expected a power of two 2**b with "
-            f"1 <= n_bits <= b (e.g. --n-bits 5 for 8-bit images), got n_bits={n_bits}"
-        )
-    return bits - n_bits
-
-
-def reduce_bits(data: Any, n_bits: int | None) -> Any:
-    """``data`` (an ``ImageData``, a ``StreamImages`` or a ``Splits`` of them) with
-    pixels reduced to ``2**n_bits`` levels: ``k // 2**(b - n_bits)`` for data with
-    ``2**b`` levels, as the Glow paper does for 5-bit CelebA-HQ. ``None``: unchanged."""
-    from .data import ImageData, Splits
-
-    if n_bits is None:
-        return data
-    if isinstance(data, Splits):
-        return Splits(reduce_bits(data.train, n_bits), reduce_bits(data.test, n_bits))
-    if isinstance(data, StreamImages):
-        return data.reduce_bits(n_bits)
-    shift = _bits_shift(data.levels, n_bits, data.name)
-    return ImageData(data.x >> shift, data.y, 2**n_bits, data.name)
+        return StreamImages(self.x.shifted(shift), self.y, 2**n_bits, self.name, self._num_classes)
 
 
 # --- opening a prepared folder -------------------------------------------------------
