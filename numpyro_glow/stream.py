@@ -375,20 +375,16 @@ def _listed(folder: Path, file: str, count: int, offset: int, fp: str, item: int
 # --- the grain pipeline --------------------------------------------------------------
 
 
-class _Records:
-    """A grain random-access source over a split: ``len`` and ``[i]`` giving the
-    image (and its label)."""
+class _ReadBatch:
+    """Reads the images (and labels) at a batch of indices, in one gather: the
+    function grain maps over the batches of indices."""
 
     def __init__(self, data: Any):
         self.x, self.y = data.x, data.y
 
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> Any:
-        if self.y is None:
-            return self.x[int(i)]
-        return self.x[int(i)], self.y[int(i)]
+    def __call__(self, idx: np.ndarray) -> Any:
+        idx = np.asarray(idx)
+        return self.x[idx] if self.y is None else (self.x[idx], self.y[idx])
 
 
 def _grain() -> Any:
@@ -411,9 +407,9 @@ def batches(
     """The training batches as a grain ``MapDataset``: element ``s`` is this
     process's rows of the batch of step ``s``.
 
-    The images are shuffled with ``seed``, a new order each epoch
-    (grain's ``shuffle`` then ``repeat``), and cut into global batches of
-    ``batch_size`` consecutive images; process ``p`` of ``P`` gets rows
+    grain shuffles the indices of the images with ``seed``, a new order each
+    epoch (``shuffle`` then ``repeat``), and cuts them into global batches of
+    ``batch_size`` consecutive indices; process ``p`` of ``P`` gets rows
     ``p * batch_size / P`` to ``(p + 1) * batch_size / P`` of each. The batch of
     a step therefore depends on ``(seed, step)`` only, never on the number of
     processes, the workers or where a run was resumed. Items are images, or
@@ -426,8 +422,9 @@ def batches(
             f"use a multiple of {process_count}"
         )
     local = batch_size // process_count
-    ds = grain.MapDataset.source(_Records(data)).seed(seed).shuffle().repeat(None)
-    return ds.batch(local)[process_index::process_count]
+    indices = grain.MapDataset.range(len(data.x)).seed(seed).shuffle().repeat(None)
+    mine = indices.batch(local)[process_index::process_count]
+    return mine.map(_ReadBatch(data))  # one read per batch, in grain's reading threads
 
 
 def iterate(dataset: Any, threads: int = 2, prefetch: int = 4) -> Any:
