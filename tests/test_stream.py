@@ -9,10 +9,14 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import TINY_ARGS
 from PIL import Image
 
 from numpyro_glow import checkpoint, cli
@@ -324,3 +328,122 @@ def test_reading_does_not_map_the_data(prepared):
     data.x[:]
     maps = open(f"/proc/{os.getpid()}/maps").read() if os.path.exists("/proc") else ""
     assert str(prepared) not in maps
+
+
+# --- slow: real processes ------------------------------------------------------------
+
+_CLI = [sys.executable, "-m", "numpyro_glow.cli"]
+_KILL_AT_STEP_5 = """
+import os, signal, sys
+from numpyro_glow import cli
+from numpyro_glow.train import Trainer
+real = Trainer.step
+def step(self, state, k, y):
+    if int(state.step) == 4:  # after step 4's checkpoint, in the second epoch (6 per epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, state, k, y)
+Trainer.step = step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # two processes, each compiling the model: about a minute
+def test_sigkill_resume(stream_run, prepared, tmp_path):
+    """A run SIGKILLed at step 5, then ``--resume``d from the command line, writes
+    the loss trajectory of the uninterrupted run."""
+    out = tmp_path / "run"
+    args = ["train", "--data", f"stream:{prepared}", "--out", str(out), "--steps", "6"]
+    args += TINY_ARGS
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    killed = subprocess.run([sys.executable, "-c", _KILL_AT_STEP_5, *args], env=env, timeout=600)
+    assert killed.returncode == -signal.SIGKILL
+    assert checkpoint.read_metadata(out / "checkpoint.npz")["data_position"] == {"next_index": 4}
+    assert not list(out.glob(".*"))  # no temporary file from the killed process
+    resumed = subprocess.run([*_CLI, *args, "--resume"], env=env, timeout=600)
+    assert resumed.returncode == 0
+    a = [r for r in _metrics(stream_run[0]) if "step" in r]
+    b = [r for r in _metrics(out) if "step" in r]
+    assert [r["train_bpd"] for r in b] == [r["train_bpd"] for r in a]
+    np.testing.assert_allclose([r["validation_bpd"] for r in b], [r["validation_bpd"] for r in a])
+
+
+@pytest.mark.slow  # three processes compiling the model: about 2 minutes on 2 cores
+def test_two_processes_stream_match_one(prepared, tmp_path):
+    """``--distributed`` on stream:DIR: 2 processes with 2 host devices each, each
+    reading its half of every batch, write the metrics of one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    args = ["train", "--data", f"stream:{prepared}", "--steps", "4", *TINY_ARGS]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    host2 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    multi = [
+        [*_CLI, *args, "--out", str(tmp_path / "multi"), "--distributed", "--num-processes", "2"]
+        + ["--coordinator-address", f"localhost:{port}", "--process-id", str(i)]
+        for i in range(2)
+    ]
+    procs = [subprocess.Popen(c, env=host2, stderr=subprocess.PIPE, text=True) for c in multi]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-3000:]
+    one = subprocess.run([*_CLI, *args, "--out", str(tmp_path / "one")], env=env, timeout=600)
+    assert one.returncode == 0
+    got, want = _metrics(tmp_path / "multi"), _metrics(tmp_path / "one")
+    assert len(got) == len(want) == 3
+    for key in ("train_bpd", "validation_bpd"):
+        np.testing.assert_allclose([r[key] for r in got[:2]], [r[key] for r in want[:2]], rtol=1e-5)
+    np.testing.assert_allclose(got[2]["test_bpd"], want[2]["test_bpd"], rtol=1e-5)
+
+
+_PEAK = """
+import sys
+from numpyro_glow import cli
+rc = cli.main(sys.argv[1:])
+peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
+print(f"PEAK_RSS_KB {peak}", file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+def _run_peak(args, env):
+    done = subprocess.run([sys.executable, "-c", _PEAK, *args], env=env, capture_output=True,
+                          text=True, timeout=1800)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    kb = int(done.stderr.split("PEAK_RSS_KB")[-1].split()[0])
+    return kb * 1024, done.stdout
+
+
+@pytest.mark.slow  # writes 250,000 PNGs and 3 GB of shards: about 5 minutes on 2 cores
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+def test_larger_than_memory(tmp_path, capsys):
+    """A folder of 250,000 64x64x3 images (3.07 GB of pixels) from prepare to the
+    test bits/dim, each step a fresh process whose peak resident memory (VmHWM)
+    stays under a quarter of the pixels."""
+    n, size = 250_000, 64
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (64, size, size, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 1, size)[None, :, None]
+    for i in range(n):  # compressible images, so the PNGs are small, the pixels not
+        a = (tiles[i % 64] // 8 + (ramp * (i % 200))).astype(np.uint8)
+        Image.fromarray(a).save(folder / f"{i:06d}.png", compress_level=1)
+    pixels = n * size * size * 3
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = tmp_path / "prepared"
+    peak_prepare, text = _run_peak(["prepare", str(folder), str(out), "--test-size", "0.02",
+                                    "--no-progress"], env)  # fmt: skip
+    assert f"--data stream:{out}" in text
+    args = ["train", "--data", f"stream:{out}", "--out", str(tmp_path / "run"), "--steps", "4"]
+    args += ["--levels", "1", "--depth", "1", "--hidden-channels", "4", "--batch-size", "16"]
+    args += ["--dequantization", "uniform", "--validation-size", "0.01", "--no-progress"]
+    args += ["--eval-every", "4", "--n-bits", "5"]
+    peak_train, text = _run_peak(args, env)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert math.isfinite(summary["test_bpd"]) and summary["test_images"] == 5000
+    with capsys.disabled():
+        print(f"\n{pixels / 2**30:.2f} GiB of pixels; peak RSS: prepare "
+              f"{peak_prepare / 2**20:.0f} MiB, train {peak_train / 2**20:.0f} MiB; "
+              f"test bits/dim {summary['test_bpd']:.3f} (5 bits)")  # fmt: skip
+    assert peak_prepare < pixels / 4 and peak_train < pixels / 4
