@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -289,17 +290,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from .prepare import prepare
 
     opts = from_arguments(PrepareOptions, args)
-    manifest = prepare(
-        opts.source,
-        opts.out,
-        size=opts.size,
-        test_size=opts.test_size,
-        seed=opts.seed,
-        shard_size=opts.shard_size,
-        skip_bad=opts.skip_bad,
-        workers=opts.workers,
-        progress=opts.progress,
-    )
+    keywords = dataclasses.asdict(opts)  # the options are prepare's keyword arguments
+    manifest = prepare(keywords.pop("source"), keywords.pop("out"), **keywords)
     images, shape = manifest["images"], "x".join(map(str, manifest["shape"]))
     skipped = f", {manifest['skipped']} unreadable image(s) skipped" if manifest["skipped"] else ""
     print(

@@ -18,34 +18,20 @@ import numpy as np
 import pytest
 from conftest import TINY_ARGS
 from PIL import Image
+from test_train import _config as _train_config
 
 from numpyro_glow import checkpoint, cli
 from numpyro_glow import prepare as prep
 from numpyro_glow.data import ImageData, Splits, load, reduce_bits
 from numpyro_glow.stream import MANIFEST, batches, iterate
-from numpyro_glow.train import GlowConfig, TrainConfig, Trainer, train
+from numpyro_glow.train import Trainer, train
 
 pytest.importorskip("grain")
 
-TINY = GlowConfig(levels=1, depth=1, hidden_channels=4)
-
 
 def _config(tmp_path, data, **kw):
-    base = dict(
-        data=data,
-        out_dir=str(tmp_path / "run"),
-        model=TINY,
-        steps=6,
-        batch_size=8,
-        eval_every=2,
-        checkpoint_every=2,
-        progress=False,
-        validation_size=0.25,
-        temperatures=(1.0,),
-        dequantization="uniform",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    """test_train.py's tiny run (the same compiled model) on ``data``."""
+    return _train_config(tmp_path, **{"data": data, "temperatures": (1.0,), **kw})
 
 
 def _metrics(folder):
@@ -261,6 +247,14 @@ def test_train_on_a_stream(stream_run, prepared):
     np.testing.assert_array_equal(np.asarray(k), batches(parts.train, 8, cfg.seed)[5][0])
 
 
+def test_evaluate_streams_the_test_split(stream_run, capsys):
+    out, summary = stream_run
+    assert cli.main(["evaluate", str(out / "best.npz")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["test_images"] == 12
+    np.testing.assert_allclose(result["test_bpd"], summary["test_bpd"], rtol=1e-6)
+
+
 def test_resume_after_a_crash_mid_epoch_matches(stream_run, prepared, tmp_path, monkeypatch):
     """Killed at step 5 (of 6 per 36-image epoch... mid epoch 2), resumed from step 4's
     checkpoint: the same losses, scores and parameters as the uninterrupted run.
@@ -286,7 +280,7 @@ def test_resume_after_a_crash_mid_epoch_matches(stream_run, prepared, tmp_path, 
     np.testing.assert_allclose(resumed["test_bpd"], full["test_bpd"], rtol=1e-6)
 
 
-def test_n_bits_against_a_brute_force_count(tmp_path):
+def test_n_bits_against_a_brute_force_count(tmp_path, capsys):
     """8-bit pixels at --n-bits 2: each pixel becomes the number of thresholds
     64, 128, 192 it reaches, 4 levels; the run's test bits/dim is the bound of
     those pixels with 4 levels."""
@@ -315,6 +309,8 @@ def test_n_bits_against_a_brute_force_count(tmp_path):
     brute = ImageData(sum((test.x >= 64 * j) for j in (1, 2, 3)).astype(np.uint8), None, 4, "b")
     bpd = density.bits_per_dim(params, brute, jax.random.PRNGKey(11))
     np.testing.assert_allclose(summary["test_bpd"], bpd, rtol=1e-6)
+    assert cli.main(["evaluate", str(tmp_path / "run" / "best.npz")]) == 0  # at --n-bits 2
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["test_bpd"], bpd, rtol=1e-6)
     # 17 levels (the digits) cannot be reduced to bits
     with pytest.raises(ValueError, match="--n-bits: .* 17 pixel levels"):
         reduce_bits(
