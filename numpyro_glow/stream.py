@@ -350,8 +350,9 @@ def open_stream(folder: str | os.PathLike, name: str | None = None) -> Any:
         x = ShardedArray(xs, shape, dtype)
         y = ShardedArray(ys, (), np.int32) if ys else None
         parts[part] = StreamImages(x, y, levels, name or f"stream:{folder}", classes)
-    if len(parts["train"].x) == 0:
-        raise ValueError(f"{folder / MANIFEST}: the training split has no images")
+    for part, images in parts.items():
+        if len(images.x) == 0:
+            raise ValueError(f"{folder / MANIFEST}: the {part} split has no images")
     return Splits(parts["train"], parts["test"])
 
 
