@@ -33,6 +33,7 @@ __all__ = ["STATE", "prepare"]
 
 STATE = ".prepare-state.json"  # the plan and the finished shards of a prepare in progress
 _SHARD_BYTES = 64 << 20  # default shard size: about 64 MiB of pixels
+_BLOCK = 4096  # files whose headers are read at once
 
 
 def _write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
@@ -85,25 +86,26 @@ class _Folder:
         self.files, self.classes = files, classes
         self.labels = np.asarray(labels, np.int32) if classes else None
         self.bad: list[str] = []
-        # pass 1, headers only: the common size (without --size) and gray or color
-        heads = list(pool.map(self._header, files, chunksize=64))
-        good = [h for h in heads if h is not None]
-        if not good:
+        # pass 1, headers only: the common size (without --size) and gray or color;
+        # in blocks, so that the pending work does not grow with the number of files
+        sizes: dict[tuple[int, int], Path] = {}  # the first file of each size
+        self.gray = True
+        for lo in range(0, len(files), _BLOCK):
+            block = files[lo : lo + _BLOCK]
+            for path, head in zip(block, pool.map(self._header, block), strict=True):
+                if head is not None:
+                    sizes.setdefault(head[0], path)
+                    self.gray &= head[1]
+        if not sizes:
             raise ValueError(f"{root}: no readable image among {len(files)} files")
-        self.gray = all(g for _, g in good)
         if size is None:
-            sizes = {s for s, _ in good}
             if len(sizes) > 1:
-                first = next(f for f, h in zip(files, heads, strict=True) if h is not None)
-                s0 = good[0][0]
-                other = next(
-                    f for f, h in zip(files, heads, strict=True) if h and h[0] != s0
-                )  # fmt: skip
+                (s0, first), (s1, other) = list(sizes.items())[:2]
                 raise ValueError(
-                    f"{other}: images of several sizes (e.g. {s0[0]}x{s0[1]} like {first}); "
-                    "pass --size S to resize and center-crop every image to S x S"
+                    f"{other}: images of several sizes ({s1[0]}x{s1[1]} here, {s0[0]}x{s0[1]} "
+                    f"like {first}); pass --size S to resize and center-crop every image to S x S"
                 )
-            w, h = good[0][0]
+            w, h = next(iter(sizes))
         else:
             w = h = size
         self.shape = (h, w, 1 if self.gray else 3)
