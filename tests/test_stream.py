@@ -457,3 +457,19 @@ def test_larger_than_memory(tmp_path, capsys):
               f"{peak_prepare / 2**20:.0f} MiB, train {peak_train / 2**20:.0f} MiB; "
               f"test bits/dim {summary['test_bpd']:.3f} (5 bits)")  # fmt: skip
     assert peak_prepare < pixels / 4 and peak_train < pixels / 4
+
+
+def test_prepare_mnist_and_cifar10_keep_their_splits(tmp_path):
+    from test_data import _cifar_dir, _mnist_dir
+
+    _mnist_dir(tmp_path / "m")
+    _cifar_dir(tmp_path / "c")
+    for spec in (f"mnist:{tmp_path / 'm'}", f"cifar10:{tmp_path / 'c'}"):
+        out = tmp_path / spec.split(":")[0]
+        prep.prepare(spec, out, progress=False)
+        got, want = load(f"stream:{out}"), load(spec)
+        for part in ("train", "test"):
+            g, w = getattr(got, part), getattr(want, part)
+            np.testing.assert_array_equal(g.x[:], w.x)
+            np.testing.assert_array_equal(g.y[:], w.y)
+            assert g.num_classes == max(want.train.num_classes, want.test.num_classes)
