@@ -258,9 +258,9 @@ def prepare(
             listing = src.plan()
             get = src.decode
         else:
-            splits = _data.load(source, test_size=test_size, seed=seed)
             if size is not None:
                 raise ValueError(f"--size applies to image folders, not to {source!r}")
+            splits = _data.load(source, test_size=test_size, seed=seed)
             arrays = {"train": splits.train, "test": splits.test}
             levels, shape = splits.train.levels, tuple(splits.train.x.shape[1:])
             classes = _num_classes(splits)

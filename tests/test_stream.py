@@ -256,8 +256,9 @@ def test_evaluate_streams_the_test_split(stream_run, capsys):
 
 
 def test_resume_after_a_crash_mid_epoch_matches(stream_run, prepared, tmp_path, monkeypatch):
-    """Killed at step 5 (of 6 per 36-image epoch... mid epoch 2), resumed from step 4's
-    checkpoint: the same losses, scores and parameters as the uninterrupted run.
+    """Stopped at step 5 (its batch holds the last 4 images of the first epoch and the
+    first 4 of the second), resumed from step 4's checkpoint: the same losses and
+    scores as the uninterrupted run.
     (The SIGKILL of a real process: test_sigkill_resume in the slow tests.)"""
     out_a, full = stream_run
     real_step = Trainer.step
@@ -335,7 +336,7 @@ from numpyro_glow import cli
 from numpyro_glow.train import Trainer
 real = Trainer.step
 def step(self, state, k, y):
-    if int(state.step) == 4:  # after step 4's checkpoint, in the second epoch (6 per epoch)
+    if int(state.step) == 4:  # after step 4's checkpoint, as step 5 crosses into epoch 2
         os.kill(os.getpid(), signal.SIGKILL)
     return real(self, state, k, y)
 Trainer.step = step
