@@ -25,6 +25,10 @@ without the per-step host work of ``numpyro-glow train``. Modes:
     ``train()``: next batch from ``Trainer.batches``, the compiled step
     dispatched without waiting, the throughput clock, the progress bar (which
     reads the loss at most every half second).
+``loop_stream``
+    ``loop_new`` on the same images prepared as a streaming set
+    (``numpyro-glow prepare``, then ``stream:DIR``): batches read from the
+    shards by grain, ``--loader-threads`` (2) threads ahead (issue 20).
 ``loop_prefetch`` (experiment)
     ``loop_new`` with the batches prepared by a background thread, two ahead.
 ``loop_device_data`` (experiment)
@@ -50,6 +54,7 @@ import os
 import platform
 import queue
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -59,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_glow.data import ImageData, load, train_validation_split
+from numpyro_glow.prepare import prepare
 from numpyro_glow.train import GlowConfig, TrainConfig, Trainer
 from numpyro_glow.train.density import _arrays_only, _carried, _rejoin
 from numpyro_glow.train.report import _Clock, _Progress
@@ -71,15 +77,18 @@ CONFIGS = {
     "digits": dict(model=GlowConfig(), batch_size=64),
     # the issue's second GPU row: 28x28x1 (random pixels stand in for MNIST), K=16, 256 ch
     "mnist28": dict(model=GlowConfig(levels=2, depth=16, hidden_channels=256), batch_size=64),
+    # a 32x32x3 set (random pixels stand in for CIFAR-10), the default model
+    "rgb32": dict(model=GlowConfig(), batch_size=64),
     # smoke run
     "tiny": dict(model=GlowConfig(levels=1, depth=1, hidden_channels=4), batch_size=16),
 }
 
 
 def _data(name: str, seed: int = 0) -> tuple[ImageData, ImageData]:
-    if name == "mnist28":
-        x = np.random.default_rng(seed).integers(0, 256, (2000, 28, 28, 1)).astype(np.uint8)
-        data = ImageData(x, None, 256, "random28")
+    if name in ("mnist28", "rgb32"):
+        shape = (2000, 28, 28, 1) if name == "mnist28" else (2000, 32, 32, 3)
+        x = np.random.default_rng(seed).integers(0, 256, shape).astype(np.uint8)
+        data = ImageData(x, None, 256, f"random{shape[1]}")
         parts = train_validation_split(data, 0.1, seed)
     else:
         splits = load("digits", seed=seed)
@@ -132,7 +141,16 @@ class Bench:
         # new: one state per new mode (each is donated step after step)
         arrays = _arrays_only(state)
         self.states = {m: jax.tree.map(jnp.copy, arrays) for m in NEW_MODES}
+        # the same training images, prepared as a streaming set and read through grain
+        self.tmp = tempfile.TemporaryDirectory()
+        npz = Path(self.tmp.name) / "train.npz"
+        labels = {} if train.y is None else {"y": train.y}
+        np.savez(npz, x=train.x, levels=np.int64(train.levels), **labels)
+        prepare(f"npz:{npz}", Path(self.tmp.name) / "stream", test_size=1, progress=False)
+        streamed = load(f"stream:{Path(self.tmp.name) / 'stream'}")
+        self.stream_trainer = Trainer(self.config, streamed.train, validation)
         self.iters = {
+            "loop_stream": self.stream_trainer.batches(0),
             "loop_new": self.trainer.batches(0),
             "loop_prefetch": _prefetch(self.trainer.batches(0)),
         }
@@ -152,6 +170,7 @@ class Bench:
         for bar in self.bars.values():
             bar.close()
         self.devnull.close()
+        self.tmp.cleanup()
 
     # modes ---------------------------------------------------------------------
     def bare_old(self, n: int) -> None:
@@ -196,13 +215,17 @@ class Bench:
 
     def _loop(self, mode: str, n: int) -> None:
         state, bar, clock = self.states[mode], self.bars[mode], self.clocks[mode]
+        trainer = self.stream_trainer if mode == "loop_stream" else self.trainer
         for _ in range(n):
-            state = _advance(self.trainer, state, self.iters[mode], clock, bar, lambda: "-")
+            state = _advance(trainer, state, self.iters[mode], clock, bar, lambda: "-")
         jax.block_until_ready(state.loss)
         self.states[mode] = state
 
     def loop_new(self, n: int) -> None:
         self._loop("loop_new", n)
+
+    def loop_stream(self, n: int) -> None:
+        self._loop("loop_stream", n)
 
     def loop_prefetch(self, n: int) -> None:
         self._loop("loop_prefetch", n)
@@ -226,11 +249,12 @@ class Bench:
         self.states[mode] = _rejoin(state, old)
 
 
-NEW_MODES = ("bare_new", "loop_new", "loop_prefetch", "loop_device_data")
+NEW_MODES = ("bare_new", "loop_new", "loop_stream", "loop_prefetch", "loop_device_data")
 MODES = ("bare_old", "loop_old", *NEW_MODES)
 PAIRS = {
     "loop_old": "bare_old",
     "loop_new": "bare_new",
+    "loop_stream": "bare_new",
     "loop_prefetch": "bare_new",
     "loop_device_data": "bare_new",
 }
@@ -304,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default="digits")
     p.add_argument("--steps", type=int, default=15, help="steps per mode per round")
     p.add_argument("--rounds", type=int, default=24)
-    p.add_argument("--out", default=str(RESULTS / "train_loop.json"))
+    p.add_argument("--out", default=None, help="default: results/train_loop[_CONFIG].json")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds of 10 steps")
     return p
 
@@ -313,4 +337,7 @@ if __name__ == "__main__":
     a = parser().parse_args()
     if a.quick:
         a.config, a.steps, a.rounds, a.out = "tiny", 10, 2, ""
+    if a.out is None:
+        suffix = "" if a.config == "digits" else f"_{a.config}"
+        a.out = str(RESULTS / f"train_loop{suffix}.json")
     main(a)

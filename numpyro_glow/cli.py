@@ -1,5 +1,5 @@
-"""``numpyro-glow train | sample | evaluate | convert-checkpoint``: the density model
-from the shell.
+"""``numpyro-glow train | sample | evaluate | prepare | convert-checkpoint``: the
+density model from the shell.
 
 Every option is a field of a configuration dataclass (:class:`~numpyro_glow.train.TrainConfig`
 and :class:`~numpyro_glow.train.GlowConfig` for ``train``, the small classes below
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -22,12 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._version import __version__
-from .options import POSITIVE, Validated, add_arguments, at_least, from_arguments, option
+from .options import (
+    POSITIVE,
+    Validated,
+    add_arguments,
+    at_least,
+    between,
+    from_arguments,
+    option,
+)
 
 __all__ = [
     "ConvertOptions",
     "DistributedOptions",
     "EvaluateOptions",
+    "PrepareOptions",
     "RunOptions",
     "SampleOptions",
     "main",
@@ -85,6 +95,37 @@ class EvaluateOptions(Validated):
 
 
 @dataclass(frozen=True)
+class PrepareOptions(Validated):
+    """``numpyro-glow prepare``."""
+
+    source: str = option(
+        "",
+        "folder:DIR (or a directory), npz:PATH, mnist:DIR, cifar10:DIR or digits",
+        flag="source",
+    )
+    out: str = option("", "the new folder to write the prepared data set into", flag="out")
+    size: int | None = option(
+        None, "resize and center-crop every image to SIZE x SIZE (image folders)", check=POSITIVE
+    )
+    test_size: float = option(
+        0.2,
+        "held-out test fraction (sets without an official split)",
+        check=between(0, 1, low_open=True),
+    )
+    seed: int = option(0, "seed of the test split", check=at_least(0))
+    shard_size: int | None = option(
+        None, "images per shard (default: about 64 MiB of pixels)", check=at_least(1)
+    )
+    skip_bad: bool = option(
+        False, "skip (and count) unreadable images instead of stopping at the first"
+    )
+    workers: int | None = option(
+        None, "decoding threads (default: the number of CPUs)", check=at_least(1)
+    )
+    progress: bool = option(True, "no progress line")
+
+
+@dataclass(frozen=True)
 class ConvertOptions(Validated):
     """``numpyro-glow convert-checkpoint``."""
 
@@ -127,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(sa, SampleOptions)
     ev = sub.add_parser("evaluate", help="test-set bits per dimension of a checkpoint")
     add_arguments(ev, EvaluateOptions)
+    pr = sub.add_parser(
+        "prepare", help="write a data set as shards that train streams (stream:OUT)"
+    )
+    add_arguments(pr, PrepareOptions)
     cv = sub.add_parser(
         "convert-checkpoint", help="convert a trusted checkpoint.pkl (numpyro-glow 0.1) to .npz"
     )
@@ -212,14 +257,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     import jax
 
     from .checkpoint import dumps
-    from .data import load
+    from .data import load, reduce_bits
     from .train import TrainConfig, load_model
 
     opts = from_arguments(EvaluateOptions, args)
     density, params, meta = load_model(opts.checkpoint)
     config = TrainConfig.from_dict(meta["config"])
     spec = opts.data or config.data
-    splits = load(spec, seed=config.seed)
+    splits = reduce_bits(load(spec, seed=config.seed), config.n_bits)
     shape, levels = density.event_shape, density.info.levels
     found = (tuple(splits.test.x.shape[1:]), splits.test.levels)
     if found != (shape, levels):
@@ -228,13 +273,33 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"{levels} levels; the data have shape {found[0]} with {found[1]} levels"
         )
     classes = density.num_classes
-    if classes is not None and (splits.test.y is None or int(splits.test.y.max()) >= classes):
+    found_classes = splits.test.num_classes
+    if classes is not None and (found_classes is None or found_classes > classes):
         raise ValueError(
             f"{spec}: the checkpoint {opts.checkpoint} is conditional on {classes} classes; "
             "the test data have no labels or labels outside that range"
         )
     bpd = density.bits_per_dim(params, splits.test, jax.random.PRNGKey(11))
     print(dumps({"test_bpd": bpd, "test_images": len(splits.test.x)}))
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .prepare import prepare
+
+    opts = from_arguments(PrepareOptions, args)
+    keywords = dataclasses.asdict(opts)  # the options are prepare's keyword arguments
+    manifest = prepare(keywords.pop("source"), keywords.pop("out"), **keywords)
+    images, shape = manifest["images"], "x".join(map(str, manifest["shape"]))
+    skipped = f", {manifest['skipped']} unreadable image(s) skipped" if manifest["skipped"] else ""
+    print(
+        f"prepared {images['train']} training and {images['test']} test images of {shape} "
+        f"({manifest['levels']} levels) in {opts.out}{skipped}"
+    )
+    out = shlex.quote(str(Path(opts.out).expanduser().resolve()))
+    print(f"train with: numpyro-glow train --data stream:{out}")
     return 0
 
 
@@ -271,6 +336,7 @@ HANDLERS = {
     "train": _train,
     "sample": _sample,
     "evaluate": _evaluate,
+    "prepare": _prepare,
     "convert-checkpoint": _convert,
 }
 

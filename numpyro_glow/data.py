@@ -33,6 +33,10 @@ returns a train/test :class:`Splits`:
     otherwise the images directly in ``DIR`` are read, without labels. All images
     must have one size. If every image is grayscale ``C=1``, otherwise all are
     converted to RGB (``C=3``). 8-bit images only, ``levels=256``. Seeded split.
+``"stream:DIR"``
+    A data set ``numpyro-glow prepare`` wrote (:mod:`numpyro_glow.stream`): its
+    train and test splits as :class:`~numpyro_glow.stream.StreamImages`, read from
+    disk when indexed, never whole.
 
 :func:`split` reproduces scikit-learn's ``train_test_split(..., test_size,
 random_state=seed)`` index for index, without needing scikit-learn, and
@@ -60,11 +64,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageData", "Splits", "load", "split", "train_validation_split"]
+__all__ = ["ImageData", "Splits", "load", "reduce_bits", "split", "train_validation_split"]
 
 _EXTRA = 'pip install "numpyro-glow[examples]"'
 _SPEC_FORMS = (
-    '"digits", "mnist:DIR", "cifar10:DIR", "npz:PATH" or "folder:DIR" '
+    '"digits", "mnist:DIR", "cifar10:DIR", "npz:PATH", "folder:DIR" or "stream:DIR" '
     '(for example "mnist:~/data/mnist")'
 )
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -271,6 +275,36 @@ def train_validation_split(data: ImageData, validation_size: float = 0.1, seed: 
     return Splits(train=data.subset(train), test=data.subset(val))
 
 
+# --------------------------------------------------------------------------- bits
+
+
+def _bits_shift(levels: int, n_bits: int, name: str) -> int:
+    """``b - n_bits`` for data of ``levels = 2**b``; ``ValueError`` otherwise."""
+    bits = levels.bit_length() - 1
+    if levels != 2**bits or not 1 <= n_bits <= bits:
+        raise ValueError(
+            f"--n-bits: {name} has {levels} pixel levels; expected a power of two 2**b with "
+            f"1 <= n_bits <= b (e.g. --n-bits 5 for 8-bit images), got n_bits={n_bits}"
+        )
+    return bits - n_bits
+
+
+def reduce_bits(data: Any, n_bits: int | None) -> Any:
+    """``data`` (an :class:`ImageData`, a streamed split or a :class:`Splits` of
+    them) with its pixels reduced to ``2**n_bits`` levels: ``k // 2**(b - n_bits)``
+    for data of ``2**b`` levels, the Glow paper's reduction (5 bits on CelebA-HQ).
+    ``None`` returns ``data`` unchanged. ``ValueError`` unless the data have a
+    power-of-two number of levels of at least ``2**n_bits``."""
+    if n_bits is None:
+        return data
+    if isinstance(data, Splits):
+        return Splits(reduce_bits(data.train, n_bits), reduce_bits(data.test, n_bits))
+    if not isinstance(data, ImageData):
+        return data.reduce_bits(n_bits)  # a streamed split reduces as it reads
+    shift = _bits_shift(data.levels, n_bits, data.name)
+    return ImageData(data.x >> shift, data.y, 2**n_bits, data.name)
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -278,9 +312,9 @@ def load(spec: str, *, test_size: float = 0.2, seed: int = 0) -> Splits:
     """Load an image data set and split it into train and test sets.
 
     Args:
-        spec: ``"digits"``, ``"mnist:DIR"``, ``"cifar10:DIR"``, ``"npz:PATH"`` or
-            ``"folder:DIR"`` (see the module docstring for each format). ``~`` in a
-            path is expanded.
+        spec: ``"digits"``, ``"mnist:DIR"``, ``"cifar10:DIR"``, ``"npz:PATH"``,
+            ``"folder:DIR"`` or ``"stream:DIR"`` (see the module docstring for each
+            format). ``~`` in a path is expanded.
         test_size: the held-out fraction (or count) for the formats without an
             official split (digits, npz, folder); MNIST and CIFAR-10 use their
             official test sets and ignore it.
@@ -298,8 +332,12 @@ def load(spec: str, *, test_size: float = 0.2, seed: int = 0) -> Splits:
     kind = kind.strip().lower()
     if kind == "digits" and not rest:
         return split(_load_digits(), test_size, seed)
-    if sep and rest and kind in ("mnist", "cifar10", "npz", "folder"):
+    if sep and rest and kind in ("mnist", "cifar10", "npz", "folder", "stream"):
         path = Path(rest).expanduser()
+        if kind == "stream":
+            from .stream import open_stream
+
+            return open_stream(path, spec)
         if kind == "mnist":
             return _load_mnist(path)
         if kind == "cifar10":
@@ -656,11 +694,9 @@ def _is_gray(im: Any) -> bool:
     return False
 
 
-def _load_folder(root: Path, name: str) -> ImageData:
-    _require_dir(root, "image folder")
-    pil = _require("PIL.Image", "Pillow", 'load("folder:...")')
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _folder_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files of ``root`` in sorted order and their class labels: the
+    files under each class folder of ``classes``, or (none) those directly in ``root``."""
     files: list[Path] = []
     labels: list[int] = []
     if classes:
@@ -679,7 +715,7 @@ def _load_folder(root: Path, name: str) -> ImageData:
             warnings.warn(
                 f"{root}: ignoring {len(loose)} image file(s) at the top level (e.g. "
                 f"{loose[0].name}) because the class subdirectories {classes} hold the data",
-                stacklevel=3,
+                stacklevel=4,
             )
     else:
         files = sorted(p for p in root.iterdir() if _is_image(p))
@@ -687,6 +723,15 @@ def _load_folder(root: Path, name: str) -> ImageData:
             raise FileNotFoundError(
                 f"no image files ({', '.join(_IMAGE_EXTENSIONS)}, any case) in {root}"
             )
+    return files, labels
+
+
+def _load_folder(root: Path, name: str) -> ImageData:
+    _require_dir(root, "image folder")
+    pil = _require("PIL.Image", "Pillow", 'load("folder:...")')
+
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files, labels = _folder_files(root, classes)
 
     errors = (OSError, ValueError, SyntaxError, pil.DecompressionBombError)
     # pass 1: headers only (size, mode), before decoding any pixels

@@ -29,6 +29,7 @@ __all__ = [
     "replicated_sharding",
     "resolve_devices",
     "shard_batch",
+    "shard_local_batch",
 ]
 
 BATCH_AXIS = "batch"
@@ -101,6 +102,16 @@ def shard_batch(x: Any, mesh: Mesh) -> Any:
     ``None``). Axis 0 must divide evenly over the devices (:func:`check_batch_size`)."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda a: _put(a, sharding), x)
+
+
+def shard_local_batch(x: Any, mesh: Mesh) -> Any:
+    """A global batch from each process's own rows: every array leaf of ``x`` (this
+    process's consecutive rows, processes in order) becomes the process's part
+    of axis 0 of the global array (``None`` stays ``None``)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), x
+    )
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "numpyro_glow"
 # of a higher one. A pattern ending in ".*" covers a package's modules (not the package).
 LAYERS: list[tuple[str, ...]] = [
     ("numpyro_glow._version", "numpyro_glow.options", "numpyro_glow.parallel"),
-    ("numpyro_glow.data",),
+    ("numpyro_glow.data", "numpyro_glow.stream", "numpyro_glow.prepare"),
     ("numpyro_glow.transforms.*",),  # the layers, importing one another
     ("numpyro_glow.transforms",),
     ("numpyro_glow.nets", "numpyro_glow.checkpoint"),

@@ -51,7 +51,15 @@ def _metadata(density: Density, config: TrainConfig, kind: str, **more: Any) -> 
     }
 
 
-def _write_state(folder: Path, state: TrainState, density: Density, config: TrainConfig) -> None:
+def _write_state(
+    folder: Path,
+    state: TrainState,
+    density: Density,
+    config: TrainConfig,
+    data_position: dict | None = None,
+) -> None:
+    """``best.npz`` and ``checkpoint.npz``; ``data_position`` (the streamed
+    input's iterator state) goes into the checkpoint's metadata."""
     arrays = jax.device_get(_arrays_only(state))
     checkpoint.write(
         folder / BEST,
@@ -59,6 +67,8 @@ def _write_state(folder: Path, state: TrainState, density: Density, config: Trai
         _metadata(density, config, "model", step=state.best_step, validation_bpd=state.best_score),
     )
     host = {**_host_fields(state), "history": list(state.history)}
+    if data_position is not None:
+        host["data_position"] = data_position
     checkpoint.write(
         folder / CHECKPOINT,
         checkpoint.flatten(arrays, "state"),

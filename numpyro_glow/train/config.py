@@ -16,7 +16,8 @@ from ..options import POSITIVE, Check, Validated, at_least, between, flag_of, op
 __all__ = ["DATA_HELP", "GlowConfig", "TrainConfig", "canonical_data", "default_out_dir"]
 
 DATA_HELP = (
-    "digits (scikit-learn's 8x8 digits, embedded), mnist:DIR, cifar10:DIR, npz:PATH or folder:DIR"
+    "digits (scikit-learn's 8x8 digits, embedded), mnist:DIR, cifar10:DIR, npz:PATH, folder:DIR, "
+    "or stream:DIR (a data set numpyro-glow prepare wrote, read from disk as it trains)"
 )
 
 
@@ -96,6 +97,19 @@ class TrainConfig(Validated):
         "output folder (default: runs/digits for the digits, runs/<kind>-<name>-<hash of the "
         "path> for a data set read from a path, so two data sets never share one)",
         flag="--out",
+        resume=True,
+    )
+    n_bits: int | None = option(
+        None,
+        "reduce the pixels to 2**B levels (the Glow paper's 5 bits on CelebA-HQ): data, "
+        "dequantization and bits/dim all use them; the data must have 2**b >= 2**B levels",
+        check=between(1, 16, high_open=False),
+        metavar="B",
+    )
+    loader_threads: int = option(
+        2,
+        "with stream:DIR, threads that read the next batches while the device steps",
+        check=at_least(1),
         resume=True,
     )
     model: GlowConfig = option(GlowConfig(), "the architecture")

@@ -115,6 +115,8 @@ def _copy(tree: Any) -> Any:
 # fields of TrainConfig that change nothing a Density compiles
 _RUN_ONLY = (
     "data",
+    "n_bits",  # the levels it leaves are the DataInfo's
+    "loader_threads",
     "out_dir",
     "steps",
     "batch_size",
@@ -204,6 +206,14 @@ class Density:
         if len(k) % self.mesh.devices.size:
             return parallel.replicate((k, y), self.mesh)
         return parallel.shard_batch((k, y), self.mesh)
+
+    def place_local(self, k: np.ndarray, y: np.ndarray | None = None):
+        """This process's rows of a global batch (:func:`~numpyro_glow.stream.batches`)
+        placed as the global batch: with one process as :meth:`place`, with several
+        each process contributes its rows to the batch axis."""
+        if self.mesh is None or jax.process_count() == 1:
+            return self.place(k, y)
+        return parallel.shard_local_batch((k, y), self.mesh)
 
     # the state -----------------------------------------------------------------
     def init_state(self, key: Array, k: Array, y: Array | None) -> TrainState:

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 
 from .. import checkpoint
-from ..data import Splits, train_validation_split
+from ..data import Splits, reduce_bits, train_validation_split
 from ..data import load as load_data
 from ..glow import num_parameters
 from .checkpoints import BEST, CHECKPOINT, _check_resumable
@@ -138,6 +138,7 @@ def train(
         if resume:
             _check_resumable(run.checkpoint, config)
         splits = data if data is not None else load_data(config.data, seed=config.seed)
+        splits = reduce_bits(splits, config.n_bits)
         parts = train_validation_split(splits.train, config.validation_size, config.seed)
         trainer = Trainer(config, parts.train, parts.test, _num_classes(splits))
         t_start = time.perf_counter()
@@ -238,5 +239,5 @@ def _finish(
 
 
 def _num_classes(splits: Splits) -> int | None:
-    labels = [d.y for d in (splits.train, splits.test) if d.y is not None]
-    return max(int(y.max()) + 1 for y in labels) if labels else None
+    found = [d.num_classes for d in (splits.train, splits.test) if d.num_classes is not None]
+    return max(found) if found else None

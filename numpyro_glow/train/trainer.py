@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checkpoint, parallel
+from .. import checkpoint, parallel, stream
 from ..data import ImageData
 from .checkpoints import _host_fields_of, _write_state
 from .config import TrainConfig
@@ -56,12 +56,24 @@ class Trainer:
         self.num_classes = classes
         self.step_key = self.density.replicate(jax.random.PRNGKey(config.seed + 1))
         self._permutation: tuple[int, np.ndarray] | None = None
+        # a streamed set: this process's rows of every batch, through grain
+        self._stream = None
+        if isinstance(train, stream.StreamImages):
+            self._stream = stream.batches(
+                train, config.batch_size, config.seed, jax.process_index(), jax.process_count()
+            )
+        self._iterator: Any = None
+        self._position: dict | None = None  # the data position of the checkpoint resumed
 
     # batches ------------------------------------------------------------------
     def batch(self, step: int) -> tuple[Array, Array | None]:
         """The training batch of ``step``: a function of (seed, step) only, so a
         resumed run sees the same batches as an uninterrupted one. With several
-        devices it is split over them along axis 0."""
+        devices it is split over them along axis 0. A streamed set
+        (``stream:DIR``) is read through grain (:func:`~numpyro_glow.stream.batches`),
+        each process reading only its own rows."""
+        if self._stream is not None:
+            return self._place_local(self._stream[step])
         n, b = len(self.train_data.x), self.config.batch_size
         epoch, i = divmod(step, n // b)
         if self._permutation is None or self._permutation[0] != epoch:
@@ -72,8 +84,28 @@ class Trainer:
         return self.density.place(self.train_data.x[idx], y)
 
     def batches(self, start: int) -> Iterator[tuple[Array, Array | None]]:
-        """The batches of steps ``start``, ``start + 1``, ..."""
-        return (self.batch(step) for step in itertools.count(start))
+        """The batches of steps ``start``, ``start + 1``, ...; for a streamed set
+        from grain's iterator, read ahead in ``loader_threads`` threads, and
+        placed at the position the resumed checkpoint recorded."""
+        if self._stream is None:
+            return (self.batch(step) for step in itertools.count(start))
+        self._iterator = stream.iterate(self._stream, self.config.loader_threads)
+        position = self._position or {"next_index": start}
+        if position.get("next_index") != start:
+            raise ValueError(f"the checkpoint's data position {position} is not its step {start}")
+        if start:
+            self._iterator.set_state(position)
+        return (self._place_local(item) for item in self._iterator)
+
+    def data_position(self) -> dict | None:
+        """Where the streamed input stands (grain's iterator state, JSON), or
+        ``None`` when the batches are a function of the step alone."""
+        return None if self._iterator is None else self._iterator.get_state()
+
+    def _place_local(self, item: Any) -> tuple[Array, Array | None]:
+        k, y = item if isinstance(item, tuple) else (item, None)
+        y = None if self.num_classes is None else y
+        return self.density.place_local(k, y)
 
     # the state -----------------------------------------------------------------
     def init_state(self) -> TrainState:
@@ -99,6 +131,7 @@ class Trainer:
         if saved != self.info:
             raise ValueError(f"{path}: the checkpoint models {saved}; the data give {self.info}")
         state = self.density.replicate(jax.tree.map(jnp.asarray, trees["state"]))
+        self._position = meta.get("data_position")
         return state._replace(**_host_fields_of(path, meta))
 
     def step(self, state: TrainState, k: Array, y: Array | None) -> TrainState:
@@ -143,4 +176,4 @@ class Trainer:
     def save(self, state: TrainState, folder: Path) -> None:
         """Write ``folder/best.npz`` (the best parameters), then
         ``folder/checkpoint.npz`` (the state), each atomically."""
-        _write_state(folder, state, self.density, self.config)
+        _write_state(folder, state, self.density, self.config, self.data_position())
