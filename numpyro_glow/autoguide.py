@@ -15,7 +15,7 @@ from jax import Array, lax
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
-from numpyro.distributions.util import periodic_repeat, sum_rightmost
+from numpyro.distributions.util import sum_rightmost
 from numpyro.infer.autoguide import AutoContinuous, AutoGuide
 from numpyro.infer.initialization import init_to_uniform
 
@@ -444,8 +444,11 @@ class AutoGlow(AutoContinuous):
         if k:
             params["couplings"] = _rescaled(net["couplings"], coupling_mult)
         init_loc = layout.pack_members(self._init_locs)
-        if layout.subsampled:  # the prototype saw a minibatch: repeat it to every member
-            init_loc = periodic_repeat(init_loc, layout.size, 0)
+        if layout.subsampled:
+            # the prototype saw one minibatch, and most members are seldom in one:
+            # each starts at the minibatch's mean, so that the shared network,
+            # which moves them all, has no member-by-member noise to undo
+            init_loc = jnp.broadcast_to(init_loc.mean(0), (layout.size, layout.member_dim))
         loc = numpyro.param(f"{self.prefix}_member_loc", init_loc)
         scale = numpyro.param(
             f"{self.prefix}_member_scale",

@@ -281,6 +281,24 @@ def test_resume_after_a_crash_mid_epoch_matches(stream_run, prepared, tmp_path, 
     np.testing.assert_allclose(resumed["test_bpd"], full["test_bpd"], rtol=1e-6)
 
 
+def test_n_bits_5_against_a_brute_force_count(tmp_path):
+    """The Glow paper's 5 bits: each 8-bit pixel becomes the number of the
+    thresholds 8, 16, ..., 248 it reaches (32 levels), read from an npz and
+    from its stream alike."""
+    x = np.arange(256, dtype=np.uint8).reshape(16, 4, 4, 1)  # every 8-bit value
+    np.savez(tmp_path / "8bit.npz", x=x)
+    prep.prepare(f"npz:{tmp_path / '8bit.npz'}", tmp_path / "s", progress=False)
+    for spec in (f"npz:{tmp_path / '8bit.npz'}", f"stream:{tmp_path / 's'}"):
+        original = load(f"npz:{tmp_path / '8bit.npz'}")
+        splits = reduce_bits(load(spec), 5)
+        assert splits.train.levels == splits.test.levels == 32
+        got = np.concatenate([splits.train.x[:], splits.test.x[:]])
+        order = np.concatenate([original.train.x, original.test.x])
+        brute = sum((order >= t).astype(np.uint8) for t in range(8, 256, 8))
+        np.testing.assert_array_equal(got, brute)
+    assert sorted(np.unique(got).tolist()) == list(range(32))
+
+
 def test_n_bits_against_a_brute_force_count(tmp_path, capsys):
     """8-bit pixels at --n-bits 2: each pixel becomes the number of thresholds
     64, 128, 192 it reaches, 4 levels; the run's test bits/dim is the bound of
