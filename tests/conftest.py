@@ -1,3 +1,4 @@
+import gc
 import sys
 from pathlib import Path
 
@@ -13,6 +14,31 @@ sys.path.insert(0, str(Path(__file__).parent))
 TINY_ARGS = ["--levels", "1", "--depth", "1", "--hidden-channels", "4", "--no-progress"]
 TINY_ARGS += ["--dequantization", "uniform", "--batch-size", "8", "--validation-size", "0.25"]
 TINY_ARGS += ["--eval-every", "2", "--checkpoint-every", "2"]
+
+
+#: Linux allows a process vm.max_map_count (65,530) memory maps, and every compiled
+#: XLA executable holds some. The whole suite in one process went over it, and LLVM
+#: crashed (a segmentation fault) compiling the next function. Above this many maps,
+#: JAX's caches are cleared after a test module (the next module recompiles).
+MAX_MAPS = 30_000
+
+
+def _maps() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _bounded_compiled_code():
+    yield
+    if _maps() > MAX_MAPS:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

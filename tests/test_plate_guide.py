@@ -76,8 +76,6 @@ def test_auto_chooses_the_plate_above_the_dense_size():
     assert large._layout.plate == "groups"
     assert (large._layout.global_dim, large._layout.member_dim) == (2, 2)
     assert large._layout.data_dim == 3 and large._features.shape == (40, 3)
-    forced = prototype(AutoGlow(groups_model, local_plate="groups"), data(10))
-    assert forced._layout is not None and not forced._layout.subsampled
     sub = prototype(AutoGlow(groups_model), data(10), 4)
     assert sub._layout.subsampled and sub._features.shape == (10, 3)
 
@@ -193,6 +191,7 @@ def test_clear_errors():
         prototype(AutoGlow(groups_model, local_plate=None), data(8), 4)
 
 
+@pytest.mark.slow
 def test_full_batch_plate_guide_learns_the_exact_posterior():
     """100 groups of the benchmark's model, 1500 steps: the effects' means and
     standard deviations within 0.2 reference standard deviations on average,
