@@ -22,9 +22,11 @@ from numpyro.infer.initialization import init_to_uniform
 from . import nets
 from .distribution import StickTheLanding
 from .plate_guide import (
+    MemberPosterior,
     PlateFlow,
     PlateLayout,
     latent_frames,
+    location_stats,
     member_context,
     member_map,
     subsampled_plates,
@@ -84,26 +86,6 @@ def _rescaled(layers, mult, inverse: bool = False):
         {**lay, "w": lay["w"] / c if inverse else lay["w"] * c}
         for lay, c in zip(layers, mult, strict=True)
     ]
-
-
-class _MemberPosterior(dist.Distribution):
-    """The members' latents of one step, ``(B, m)`` as one event: drawn by
-    ``forward(noise)``, scored by ``density(z)`` (the STL or plain log density)."""
-
-    arg_constraints: dict = {}
-    support = constraints.independent(constraints.real, 2)
-    reparametrized_params: list = []
-
-    def __init__(self, forward, density, shape: tuple[int, int]):
-        self._forward = forward
-        self._density = density
-        super().__init__(batch_shape=(), event_shape=shape)
-
-    def sample(self, key, sample_shape=()):
-        return self._forward(jax.random.normal(key, tuple(sample_shape) + self.event_shape))
-
-    def log_prob(self, value):
-        return self._density(value)
 
 
 class AutoGlow(AutoContinuous):
@@ -512,20 +494,23 @@ class AutoGlow(AutoContinuous):
         # the draw's and the log density's alike, the gradient flowing through z_g
         shifted = z_g - layout.pack_globals(self._init_locs)
         p = self._member_params()
-        stats = (jnp.mean(p["loc"], 0), jnp.std(p["loc"], 0) + 1.0)
+        stats = location_stats(p["loc"])
         features = None if self._features is None else self._features[index]
-        loc, scale = p["loc"][index], p["scale"][index]
+        live = (p["net"], p["loc"][index], p["scale"][index])
+        # STL: the log density holds the parameters constant (the gradient flows
+        # through z and z_g only)
+        held = jax.tree.map(lax.stop_gradient, live) if self.stick_the_landing else live
+
+        def run(params, x, inverse):
+            net, loc, scale = params
+            ctx = member_context(shifted, features, loc, scale, stats)
+            return member_map(net, ctx, loc, scale, p["masks"], x, inverse)
 
         def forward(noise):
-            ctx = member_context(shifted, features, loc, scale, stats)
-            return member_map(p["net"], ctx, loc, scale, p["masks"], noise, inverse=False)[0]
+            return run(live, noise, inverse=False)[0]
 
         def density(z):
-            q = jax.tree.map(lax.stop_gradient, p) if self.stick_the_landing else p
-            q_loc, q_scale = q["loc"][index], q["scale"][index]
-            q_stats = jax.tree.map(lax.stop_gradient, stats)
-            ctx = member_context(shifted, features, q_loc, q_scale, q_stats)
-            u, log_det = member_map(q["net"], ctx, q_loc, q_scale, q["masks"], z, inverse=True)
+            u, log_det = run(held, z, inverse=True)
             return jnp.sum(dist.Normal(0.0, 1.0).log_prob(u), (-2, -1)) + jnp.sum(log_det, -1)
 
         scale_factor = layout.size / index.shape[0]
@@ -533,7 +518,7 @@ class AutoGlow(AutoContinuous):
         with handlers.scale(scale=scale_factor):
             z_l = numpyro.sample(
                 f"_{self.prefix}_member_latent",
-                _MemberPosterior(forward, density, shape),
+                MemberPosterior(forward, density, shape),
                 infer={"is_auxiliary": True},
             )
         values = {**layout.unpack_globals(z_g), **layout.unpack_members(z_l)}

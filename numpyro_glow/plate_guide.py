@@ -53,13 +53,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array, lax
+from numpyro.distributions import Distribution, constraints
 
 from . import nets
 from .transforms import AffineCoupling
 from .transforms.base import GlowTransform, check_event
 from .transforms.coupling import _SCALES
 
-__all__ = ["PlateLayout", "member_map", "member_context", "PlateFlow"]
+__all__ = [
+    "PlateLayout",
+    "member_map",
+    "member_context",
+    "location_stats",
+    "PlateFlow",
+    "MemberPosterior",
+]
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,12 @@ def _rows(x: Array, ndim: int) -> Array:
 # --- the member flow -----------------------------------------------------------------
 
 
+def location_stats(loc: Array) -> tuple[Array, Array]:
+    """The mean and (plus one) standard deviation of every member's location
+    ``(G, m)``, by which :func:`member_context` standardises them."""
+    return jnp.mean(loc, 0), jnp.std(loc, 0) + 1.0
+
+
 def member_context(
     globals_: Array,
     features: Array | None,
@@ -358,9 +372,9 @@ class PlateFlow(GlowTransform):
         else:
             yg, log_det = self.global_flow.forward_and_log_det(xg)
             z_g = yg
-        loc_stats = (jnp.mean(self.loc, 0), jnp.std(self.loc, 0) + 1.0)
         shifted = z_g - self.global_origin
-        ctx = member_context(shifted, self.features, self.loc, self.scale, loc_stats)
+        stats = location_stats(self.loc)
+        ctx = member_context(shifted, self.features, self.loc, self.scale, stats)
         yl, ld = member_map(self.member_params, ctx, self.loc, self.scale, self.masks, xl, inverse)
         y = jnp.zeros_like(x).at[..., self.global_index].set(yg).at[..., self.member_index].set(yl)
         return y, log_det + jnp.sum(ld, -1)
@@ -384,3 +398,23 @@ class PlateFlow(GlowTransform):
             "global_origin",
         )
         return tuple(getattr(self, n) for n in names), (names, {})
+
+
+class MemberPosterior(Distribution):
+    """A minibatch of members' latents, ``(B, m)`` as one event: drawn by
+    ``forward(noise)``, scored by ``density(z)`` (the STL or plain log density)."""
+
+    arg_constraints: dict = {}
+    support = constraints.independent(constraints.real, 2)
+    reparametrized_params: list = []
+
+    def __init__(self, forward, density, shape: tuple[int, int]):
+        self._forward = forward
+        self._density = density
+        super().__init__(batch_shape=(), event_shape=shape)
+
+    def sample(self, key, sample_shape=()):
+        return self._forward(jax.random.normal(key, tuple(sample_shape) + self.event_shape))
+
+    def log_prob(self, value):
+        return self._density(value)
